@@ -1,0 +1,110 @@
+"""minibild's command line: translate text with the shipped demo pair (or any converted T5 pair).
+
+    python -m minibild "El principio de la sabiduría es el temor de Jehová."
+    python -m minibild --mode large < sentences.txt > translations.txt
+
+Prints exactly one line per input on stdout; progress, statistics and traces go to stderr.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import bild
+from .modes import MODES, Mode
+from .progress import progress
+from .tokenizer import EOS_ID, Tokenizer
+from .weights import load, tokenizer_path
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UsageError(Exception):
+    """A problem with the user's input or settings: reported as one line, exit status 2."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="minibild", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("text", nargs="*", help="texts to translate; none: read one per line from stdin")
+    p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
+    p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
+    p.add_argument("--mode", choices=MODES, default="bild",
+                   help="bild: BiLD; large/small: greedy with one model; speculative: greedy speculative "
+                        "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0)")
+    p.add_argument("--fallback-threshold", type=float, default=0.6, help="alpha_FB (default 0.6)")
+    p.add_argument("--rollback-threshold", type=float, default=5.0, help="alpha_RB (default 5.0)")
+    p.add_argument("--max-small-steps", type=int, default=10, help="N (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-input-tokens", type=int, default=512,
+                   help="refuse inputs longer than this many tokens (default 512) instead of truncating them")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--trace", action="store_true", help="print BiLD's decisions for each input on stderr")
+    return p.parse_args(argv)
+
+
+def read_inputs(args) -> list[str]:
+    texts = args.text if args.text else sys.stdin.read().splitlines()
+    if not texts:
+        raise UsageError("no input: give texts as arguments or one per line on stdin")
+    for i, text in enumerate(texts, 1):
+        if not text.strip():
+            raise UsageError(f"input {i} is empty; every input line must hold text to translate")
+    return texts
+
+
+def pick_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: minibild supports cpu and cuda")
+    return device
+
+
+def main(argv=None) -> int:
+    try:
+        return run(parse_args(argv))
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"minibild: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    texts = read_inputs(args)
+    device, dtype = pick_device(args.device), DTYPES[args.dtype]
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        raise UsageError(f"--dtype {args.dtype} is for GPUs; on CPU use float32 or float64")
+    mode = Mode(args.mode, args.fallback_threshold, args.rollback_threshold, args.max_small_steps,
+                args.max_new_tokens)
+    needs = mode.models()
+    models = {name: load(getattr(args, name), device=device, dtype=dtype) for name in needs}
+    spiece = tokenizer_path(getattr(args, needs[0]))
+    if spiece is None:
+        raise UsageError(f"{getattr(args, needs[0])}: no spiece.model beside the weights; "
+                         "convert the checkpoint with its tokenizer (scripts/convert_hf_t5.py)")
+    tok = Tokenizer(spiece)
+    sources = [tok.encode(t) for t in texts]
+    for i, ids in enumerate(sources, 1):
+        if len(ids) > args.max_input_tokens:
+            raise UsageError(f"input {i} has {len(ids)} tokens, more than --max-input-tokens "
+                             f"{args.max_input_tokens}; split it or raise the limit")
+    show_progress = len(texts) > 1 and not args.trace
+    for i, ids in progress(enumerate(sources, 1), len(sources), "translating", show_progress):
+        tokens, result = mode.decode(models.get("large"), models.get("small"), torch.tensor([ids], device=device))
+        if args.trace and result is not None:
+            print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}", file=sys.stderr)
+        if tokens[-1:] != [EOS_ID]:
+            print(f"minibild: warning: input {i} reached --max-new-tokens {args.max_new_tokens} before "
+                  "the end of its translation", file=sys.stderr)
+        print(tok.decode(tokens), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""A T5 encoder-decoder in plain PyTorch, with an explicit decoder KV cache.
+
+Read top to bottom: layer norm, relative position bias, attention, feed-forward, the two kinds of
+layer, the two stacks, the cache, and the `T5` module that ties them together. Module and tensor
+names follow Hugging Face's T5 closely enough that `minibild/weights.py` maps them with one table.
+
+Shapes: B batch, S source length, T new decoder tokens, P decoder positions already in the cache,
+H heads, D = d_kv head width, V vocabulary.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import T5Config
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm: T5 neither subtracts the mean nor adds a bias."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, x):
+        # Mean of squares in float32 at least: in fp16 it overflows. (Hugging Face uses float32 even for
+        # float64 input; minibild keeps float64 exact, which is what an oracle is for.)
+        variance = x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def clamp_fp16(x):
+    """fp16 T5 activations overflow; like Hugging Face, clamp them to finite values after each sublayer."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)  # a tensor, so no host sync
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Map key_position - query_position to a bucket: exact for small distances, logarithmic up to
+    max_distance, and one shared bucket beyond. Bidirectional (encoder) buckets spend half their
+    range on keys to the right; causal (decoder) ones see only keys at or left of the query."""
+    bucket = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # clamp(min=1) only avoids log(0) for the positions that take the exact branch anyway.
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's only position signal: a learned per-head scalar added to attention scores, looked up by
+    bucketed relative distance. Computed once by each stack and shared by all its layers."""
+
+    def __init__(self, config: T5Config, bidirectional: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.relative_attention_num_buckets, config.num_heads))
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+
+    def forward(self, query_start: int, query_length: int, key_length: int):
+        device = self.weight.device
+        query_position = torch.arange(query_start, query_start + query_length, device=device)[:, None]
+        key_position = torch.arange(key_length, device=device)[None, :]
+        relative_position = key_position - query_position  # (T, K)
+        bucket = relative_position_bucket(relative_position, self.bidirectional, self.num_buckets, self.max_distance)
+        bias = F.embedding(bucket, self.weight).permute(2, 0, 1)[None]  # (1, H, T, K)
+        if not self.bidirectional:
+            # Causal mask for queries at query_start.. over keys 0..: a (T, P+T) mask, not a square one.
+            bias = bias.masked_fill(relative_position > 0, torch.finfo(bias.dtype).min)
+        return bias
+
+
+class Attention(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        inner = config.num_heads * config.d_kv  # need not equal d_model (t5-3b: 32 x 128 vs 1024)
+        self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def split_heads(self, x):
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, T, D)
+
+    def keys_values(self, x):
+        return self.split_heads(self.k(x)), self.split_heads(self.v(x))
+
+    def forward(self, x, keys, values, bias):
+        q = self.split_heads(self.q(x))  # (B, H, T, D)
+        # No 1/sqrt(D) scaling: T5 folds it into the initialisation of q.
+        scores = q @ keys.transpose(-1, -2) + bias  # (B, H, T, K)
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        out = (weights @ values).transpose(1, 2)  # (B, T, H, D)
+        return self.o(out.reshape(*out.shape[:2], -1))
+
+
+ACTIVATION_FUNCTIONS = {
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # what t5 v1.1 calls gated-gelu
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class FeedForward(nn.Module):
+    """relu (t5 v1.0) or gated: act(wi_0 x) * wi_1 x (v1.1, flan-t5, mT5)."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.is_gated = config.is_gated
+        if self.is_gated:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = ACTIVATION_FUNCTIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x):
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.is_gated else self.act(self.wi(x))
+        return self.wo(self.dropout(h))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.attn_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        self.ff_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, bias):
+        h = self.attn_norm(x)  # pre-norm: T5 normalises each sublayer's input, not its output
+        x = clamp_fp16(x + self.dropout(self.attn(h, *self.attn.keys_values(h), bias)))
+        return clamp_fp16(x + self.dropout(self.ff(self.ff_norm(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.self_attn_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.self_attn = Attention(config)
+        self.cross_attn_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.cross_attn = Attention(config)
+        self.ff_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, cache: "KVCache", layer: int, self_bias):
+        h = self.self_attn_norm(x)
+        keys, values = cache.update(layer, *self.self_attn.keys_values(h))  # (B, H, P+T, D) each
+        x = clamp_fp16(x + self.dropout(self.self_attn(h, keys, values, self_bias)))
+        h = self.cross_attn_norm(x)
+        # Cross-attention has no position bias: only the source padding mask.
+        x = clamp_fp16(x + self.dropout(self.cross_attn(h, cache.cross_keys[layer], cache.cross_values[layer],
+                                                        cache.cross_bias)))
+        return clamp_fp16(x + self.dropout(self.ff(self.ff_norm(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.relative_bias = RelativePositionBias(config, bidirectional=True)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.final_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, padding_bias):
+        S = x.shape[1]
+        bias = self.relative_bias(0, S, S) + padding_bias  # (B, H, S, S): shared by every layer
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.dropout(self.final_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.relative_bias = RelativePositionBias(config, bidirectional=False)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.final_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, cache: "KVCache"):
+        P, T = cache.length, x.shape[1]
+        self_bias = self.relative_bias(P, T, P + T)  # (1, H, T, P+T), causal
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i, self_bias)
+        cache.length = P + T  # every layer has written positions P..P+T-1
+        return self.dropout(self.final_norm(x))
+
+
+class KVCache:
+    """The decoder's state for one batch of sources.
+
+    Self-attention keys/values sit in buffers preallocated for `max_length` positions; only the first
+    `length` are valid, so crop(n) is O(1) and later decoding simply overwrites the dropped positions.
+    Cross-attention keys/values are computed once from the encoder output and never change.
+    """
+
+    def __init__(self, cross_keys, cross_values, cross_bias, max_length: int):
+        B, H, _, D = cross_keys[0].shape
+        like = cross_keys[0]
+        self.cross_keys, self.cross_values = cross_keys, cross_values  # per layer (B, H, S, D)
+        self.cross_bias = cross_bias  # (B, 1, 1, S): 0 for source tokens, -inf-like for padding
+        self.keys = [like.new_empty(B, H, max_length, D) for _ in cross_keys]  # per layer (B, H, max_length, D)
+        self.values = [like.new_empty(B, H, max_length, D) for _ in cross_keys]
+        self.max_length = max_length
+        self.length = 0  # decoder positions held
+
+    def update(self, layer: int, k, v):
+        """Write the new positions' keys/values after the valid ones; return all valid keys/values."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds at most {self.max_length} decoder positions, asked for {end}: "
+                             "make the cache with a larger max_length")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def crop(self, n: int):
+        """Keep the first n decoder positions, dropping the rest."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"crop({n}): the cache holds {self.length} positions; n must be in [0, {self.length}]")
+        self.length = n
+
+
+class T5(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)  # shared by encoder and decoder
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # t5 v1.0 reuses the embedding as LM head; v1.1, flan-t5 and mT5 have their own.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def _check_ids(self, name, ids):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"{name} must be an integer tensor [batch, length], got "
+                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        if ids.numel() == 0:
+            raise ValueError(f"{name} is empty: {tuple(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"{name} holds ids outside [0, {self.config.vocab_size}): "
+                             f"min {ids.min().item()}, max {ids.max().item()}")
+
+    def encode(self, input_ids, attention_mask=None):
+        """Source ids (B, S), mask 1 for tokens and 0 for padding -> encoder output (B, S, d_model)."""
+        self._check_ids("input_ids", input_ids)
+        return self.encoder(self.embed(input_ids), self._padding_bias(attention_mask, *input_ids.shape))
+
+    def _padding_bias(self, attention_mask, batch: int, length: int):
+        """(B, 1, 1, S) additive bias: 0 for source tokens, the dtype's minimum for padding."""
+        weight = self.embed.weight
+        bias = torch.zeros(batch, 1, 1, length, dtype=weight.dtype, device=weight.device)
+        if attention_mask is None:
+            return bias
+        if tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected the source's "
+                             f"{(batch, length)}")
+        padding = (attention_mask == 0).to(weight.device)[:, None, None, :]
+        return bias.masked_fill(padding, torch.finfo(weight.dtype).min)
+
+    def new_cache(self, encoder_output, attention_mask=None, max_length: int = 512) -> KVCache:
+        """An empty decoder cache for these encoded sources, holding up to max_length decoder positions."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        cross = [layer.cross_attn.keys_values(encoder_output) for layer in self.decoder.layers]
+        cross_bias = self._padding_bias(attention_mask, *encoder_output.shape[:2])
+        return KVCache([k for k, _ in cross], [v for _, v in cross], cross_bias, max_length)
+
+    def decode(self, decoder_input_ids, cache: KVCache):
+        """Feed T >= 1 new decoder tokens (B, T) after the cache's positions -> logits (B, T, V)."""
+        self._check_ids("decoder_input_ids", decoder_input_ids)
+        h = self.decoder(self.embed(decoder_input_ids), cache)  # (B, T, d_model)
+        if self.config.scale_decoder_outputs:
+            h = h * self.config.d_model ** -0.5  # t5 v1.0 rescales because its LM head is the embedding
+        return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+
+    def forward(self, input_ids, decoder_input_ids, attention_mask=None):
+        """Full, uncached forward: (B, S) source and (B, T) decoder ids -> logits (B, T, V)."""
+        cache = self.new_cache(self.encode(input_ids, attention_mask), attention_mask,
+                               max_length=decoder_input_ids.shape[1])
+        return self.decode(decoder_input_ids, cache)

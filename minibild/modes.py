@@ -1,0 +1,45 @@
+"""The four ways minibild decodes one source, behind one call: used by the CLI and the scripts alike."""
+from dataclasses import dataclass
+
+from . import bild
+from .generate import greedy
+from .model import T5
+
+MODES = ("bild", "large", "small", "speculative")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A decoding mode with its settings; `speculative` uses max_small_steps as its draft length k."""
+    name: str = "bild"
+    fallback_threshold: float = 0.6
+    rollback_threshold: float = 5.0
+    max_small_steps: int = 10
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        if self.name not in MODES:
+            raise ValueError(f"unknown mode {self.name!r}; expected one of {', '.join(MODES)}")
+
+    @property
+    def label(self) -> str:
+        if self.name == "bild":
+            return f"bild(fb={self.fallback_threshold:g},rb={self.rollback_threshold:g},N={self.max_small_steps})"
+        return f"speculative(k={self.max_small_steps})" if self.name == "speculative" else self.name
+
+    def decode(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:
+        """Decode one source (1, S) -> (tokens, the BiLD result with stats and trace, or None for greedy)."""
+        if self.name in ("large", "small"):
+            return greedy(large if self.name == "large" else small, input_ids, self.max_new_tokens)[0], None
+        if self.name == "speculative":
+            result = bild.speculative(large, small, input_ids, k=self.max_small_steps,
+                                      max_new_tokens=self.max_new_tokens)
+        else:
+            result = bild.generate(large, small, input_ids, fallback_threshold=self.fallback_threshold,
+                                   rollback_threshold=self.rollback_threshold,
+                                   max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens)
+        return result.tokens, result
+
+    def models(self) -> tuple[str, ...]:
+        """Which of the pair this mode runs."""
+        return (self.name,) if self.name in ("large", "small") else ("large", "small")

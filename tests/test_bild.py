@@ -1,0 +1,366 @@
+"""Property tests for minibild.bild: BiLD's exactness guarantees, its cache bookkeeping, its validation.
+
+Models are tiny random float64 T5s. "agree" pairs: the small model is the large one plus a little noise,
+so most small tokens are accepted. "disagree" pairs: an independent, narrower small model, so rollbacks
+are common. "same": one model as both. Every run goes through `checked_generate`, which records each
+decode/encode call and replays the trace against an independent reading of the policy.
+"""
+import copy
+import json
+import math
+from collections import Counter
+from contextlib import contextmanager
+from functools import lru_cache
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import minibild
+from minibild import T5, T5Config
+from minibild.bild import format_trace, generate, speculative, trace_to_jsonl
+
+VOCAB, PAD, EOS = 56, 0, 1
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: thread start-up costs more than the matmuls (4x faster on one thread).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_t5(seed, d_model=24, num_layers=2, eos_bias=1.0, **config):
+    torch.manual_seed(seed)
+    config = dict(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=num_layers, num_heads=2,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=16, tie_word_embeddings=False,
+                  dropout_rate=0.0) | config
+    model = T5(T5Config(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)  # the default init gives near-uniform, all-alike outputs
+        model.lm_head.weight.normal_(0, 3.0)  # confident predictions, so small tokens are often kept
+        model.lm_head.weight[model.config.eos_token_id] *= eos_bias  # a larger EOS logit, so outputs can end early
+    return model.double().eval()
+
+
+@lru_cache(maxsize=None)
+def model_pair(kind, seed=0, eos_bias=1.0):
+    large = random_t5(seed, eos_bias=eos_bias)
+    if kind == "same":
+        return large, large
+    if kind == "agree":
+        small = copy.deepcopy(large)
+        torch.manual_seed(seed + 1000)
+        with torch.no_grad():
+            for p in small.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        return large, small
+    return large, random_t5(seed + 1000, d_model=16, num_layers=1, eos_bias=eos_bias)
+
+
+pair_args = st.tuples(st.sampled_from(["agree", "disagree"]), st.integers(0, 3), st.sampled_from([1.0, 2.5]))
+sources = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8).map(lambda ids: torch.tensor([ids]))
+lengths = st.integers(1, 16)
+steps = st.integers(1, 8)
+
+
+@contextmanager
+def recording(*models):
+    """Record every decode call as (cache, cache.length before, ids fed) and every encode call's model."""
+    decodes, encodes = [], []
+    unique = {id(m): m for m in models}.values()
+
+    def wrap(model):
+        decode, encode = model.decode, model.encode
+
+        def recorded_decode(ids, cache):
+            decodes.append((cache, cache.length, ids[0].tolist()))
+            return decode(ids, cache)
+
+        def recorded_encode(*args, **kwargs):
+            encodes.append(model)
+            return encode(*args, **kwargs)
+        model.decode, model.encode = recorded_decode, recorded_encode
+
+    for model in unique:
+        wrap(model)
+    try:
+        yield decodes, encodes
+    finally:
+        for model in unique:
+            del model.decode, model.encode
+
+
+def checked_generate(large, small, src, oracle=False, **kwargs):
+    """generate(), then check the result against the recorded calls and the policy (see module docstring).
+    oracle=True also recomputes each step's probabilities with an uncached full forward."""
+    with recording(large, small) as (decodes, encodes):
+        result = generate(large, small, src, **kwargs)
+    fallback_threshold = kwargs.get("fallback_threshold", 0.6)
+    rollback_threshold = kwargs.get("rollback_threshold", 5.0)
+    N, max_new_tokens = kwargs.get("max_small_steps", 10), kwargs.get("max_new_tokens", 128)
+    tokens, stats, trace = result.tokens, result.stats, result.trace
+
+    # Each encoder once; one decode call per trace step, each on its own model's cache.
+    assert sorted(map(id, encodes)) == sorted([id(large), id(small)])
+    assert len(decodes) == len(trace)
+    caches = {}
+    for step, (cache, _, _) in zip(trace, decodes):
+        assert caches.setdefault(step.model, cache) is cache
+    assert len({id(c) for c in caches.values()}) == len(caches)
+
+    # Replay: every call feeds exactly the tokens of y its cache lacks, and the cache holds y's prefix.
+    y, verified, held = [large.config.decoder_start_token_id], 1, {"large": [], "small": []}
+    for step, (cache, length, fed) in zip(trace, decodes):
+        model = large if step.model == "large" else small
+        assert (step.start, step.fed) == (length, fed)
+        assert held[step.model][:length] == y[:length], "the cache holds tokens that are no longer in y"
+        assert fed == y[length:], "a call must feed every token its cache lacks, and only those"
+        held[step.model] = held[step.model][:length] + fed
+        if oracle:
+            full = model(src, torch.tensor([y]))[0, length:]  # uncached forward over the same positions
+        if step.model == "small":
+            if oracle:
+                assert step.token == full[-1].argmax().item()
+                assert math.isclose(step.prob, full[-1].softmax(-1)[step.token].item(), rel_tol=1e-9)
+            assert (step.decision == "fallback") == (step.prob < fallback_threshold)
+            if step.decision != "fallback":
+                y.append(step.token)
+                ended = y[-1] == EOS or len(y) - 1 == max_new_tokens
+                assert step.decision == ("handover" if len(y) - verified == N else "end" if ended else "pending")
+        else:
+            assert length == verified - 1, "the large model feeds the last verified token, then the pending ones"
+            pending = y[verified:]
+            assert len(step.argmax) == len(pending) + 1 and len(step.cross_entropy) == len(pending)
+            assert len(pending) <= N
+            if oracle:
+                assert step.argmax == full.argmax(-1).tolist()
+                expected = [-full.log_softmax(-1)[i, t].item() for i, t in enumerate(pending)]
+                assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+                           for a, b in zip(step.cross_entropy, expected))
+            rejected = [verified + i for i, t in enumerate(pending)
+                        if t != step.argmax[i] and step.cross_entropy[i] > rollback_threshold]
+            if rejected:
+                assert (step.decision, step.rollback_at) == ("rollback", rejected[0])
+                assert step.appended == step.argmax[rejected[0] - verified]
+                del y[rejected[0]:]
+            else:
+                assert (step.decision, step.rollback_at) == ("accept", None)
+                ended = y[-1] == EOS or len(y) - 1 == max_new_tokens
+                assert step.appended == (None if ended else step.argmax[-1])
+            if step.appended is not None:
+                y.append(step.appended)
+            verified = len(y)
+    assert trace[-1].model == "large" and verified == len(y), "the tail must be verified"
+    assert y[1:] == tokens
+
+    # Output invariants.
+    assert 1 <= len(tokens) <= max_new_tokens
+    assert EOS not in tokens[:-1]
+    assert tokens[-1] == EOS or len(tokens) == max_new_tokens
+
+    # Stats add up, and agree with the trace.
+    small_steps = [s for s in trace if s.model == "small"]
+    large_steps = [s for s in trace if s.model == "large"]
+    decisions = Counter(s.decision for s in trace)
+    assert stats.large_tokens + stats.small_tokens == len(tokens)
+    assert stats.small_tokens == stats.accepted_small_tokens
+    assert len(small_steps) == stats.small_calls
+    assert stats.small_calls == stats.accepted_small_tokens + stats.rolled_back_tokens + stats.fallbacks
+    assert stats.large_calls == len(large_steps) >= 1
+    assert stats.fallbacks == decisions["fallback"] and stats.handovers == decisions["handover"]
+    assert stats.rollbacks == decisions["rollback"] <= stats.rolled_back_tokens
+    assert stats.large_tokens == sum(s.appended is not None for s in large_steps)
+    assert stats.large_tokens in (stats.large_calls, stats.large_calls - 1)
+    assert stats.large_calls - 1 == decisions["fallback"] + decisions["handover"] + decisions["end"]
+    assert stats.rolled_back_tokens == sum(len(s.fed) - (s.rollback_at - s.start) for s in large_steps
+                                           if s.decision == "rollback")
+    return result
+
+
+def large_greedy(large, src, max_new_tokens):
+    return minibild.greedy(large, src, max_new_tokens)[0]
+
+
+@SETTINGS
+@given(pair_args, sources, st.floats(0, 1), steps, lengths)
+def test_rollback_threshold_zero_is_large_greedy(args, src, fallback_threshold, N, max_new_tokens):
+    large, small = model_pair(*args)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold, rollback_threshold=0.0,
+                              max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+
+
+@SETTINGS
+@given(pair_args, sources, st.one_of(st.floats(1, 100, exclude_min=True), st.just(math.inf)),
+       st.floats(0, 10), steps, lengths)
+def test_fallback_threshold_above_one_is_large_greedy(args, src, fallback_threshold, rollback_threshold, N,
+                                                      max_new_tokens):
+    large, small = model_pair(*args)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
+                              rollback_threshold=rollback_threshold, max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert result.stats.small_tokens == 0 and result.stats.fallbacks == result.stats.small_calls
+
+
+def test_speculative_is_large_greedy_with_fewer_large_calls():
+    totals = Counter()
+
+    @SETTINGS
+    @given(pair_args, sources, steps, lengths)
+    def check(args, src, k, max_new_tokens):
+        large, small = model_pair(*args)
+        result = speculative(large, small, src, k, max_new_tokens)
+        assert result.tokens == large_greedy(large, src, max_new_tokens)
+        assert result.stats.fallbacks == 0
+        assert result.trace == checked_generate(large, small, src, fallback_threshold=0.0, rollback_threshold=0.0,
+                                                max_small_steps=k, max_new_tokens=max_new_tokens).trace
+        if args[0] == "agree":
+            totals["large_calls"] += result.stats.large_calls
+            totals["tokens"] += len(result.tokens)
+
+    check()
+    assert totals["large_calls"] < totals["tokens"], totals
+
+
+@SETTINGS
+@given(st.sampled_from(["agree", "disagree", "same"]), st.integers(0, 3), st.sampled_from([1.0, 2.5]), sources,
+       st.floats(0, 1.2), st.floats(0, 8), steps, lengths)
+def test_invariants_and_determinism(kind, seed, eos_bias, src, fallback_threshold, rollback_threshold, N,
+                                    max_new_tokens):
+    large, small = model_pair(kind, seed, eos_bias)
+    kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold, max_small_steps=N,
+                  max_new_tokens=max_new_tokens)
+    first = checked_generate(large, small, src, oracle=True, **kwargs)
+    again = generate(large, small, src, **kwargs)
+    assert (again.tokens, again.stats) == (first.tokens, first.stats)
+    assert trace_to_jsonl(again.trace) == trace_to_jsonl(first.trace)
+    assert format_trace(again.trace) == format_trace(first.trace)
+
+
+@SETTINGS
+@given(st.integers(0, 3), sources, st.floats(0, 1), st.floats(0, 8), steps, lengths)
+def test_same_model_as_large_and_small_never_rolls_back(seed, src, fallback_threshold, rollback_threshold, N,
+                                                        max_new_tokens):
+    large, small = model_pair("same", seed)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
+                              rollback_threshold=rollback_threshold, max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.stats.rollbacks == 0
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+
+
+def test_every_path_is_exercised():
+    """The property tests above are only as good as the paths their models reach: check the pairs reach all."""
+    totals = {kind: Counter() for kind in ("agree", "disagree")}
+    for kind in totals:
+        for seed in range(4):
+            for eos_bias in (1.0, 2.5):
+                large, small = model_pair(kind, seed, eos_bias)
+                src = torch.randint(2, VOCAB, (1, 6), generator=torch.Generator().manual_seed(seed))
+                result = checked_generate(large, small, src, rollback_threshold=2.0, max_small_steps=4,
+                                          max_new_tokens=16)
+                totals[kind].update(vars(result.stats))
+                totals[kind].update(s.decision for s in result.trace)
+                totals[kind]["ends at EOS" if result.tokens[-1] == EOS else "ends at cap"] += 1
+    agree, disagree = totals["agree"], totals["disagree"]
+    assert disagree["rollbacks"] > 0 and disagree["rolled_back_tokens"] > disagree["rollbacks"], disagree
+    assert agree["accepted_small_tokens"] > agree["rolled_back_tokens"], agree
+    for key in ("fallback", "handover", "end", "pending", "ends at EOS", "ends at cap"):
+        assert agree[key] + disagree[key] > 0, (key, totals)
+
+
+def test_thresholds_are_strict():
+    """Fallback when the probability is BELOW alpha_FB; reject when the cross-entropy EXCEEDS alpha_RB."""
+    large, small = model_pair("disagree")
+    src = torch.tensor([[5, 6, 7, 8]])
+
+    def first(model, decision_of, **kwargs):
+        trace = checked_generate(large, small, src, max_small_steps=8, max_new_tokens=16, **kwargs).trace
+        return next(step for step in trace if step.model == model and decision_of(step))
+
+    prob = first("small", lambda s: True, fallback_threshold=0.0).prob  # the first small step ignores thresholds
+    assert first("small", lambda s: True, fallback_threshold=prob).decision != "fallback"
+    assert first("small", lambda s: True, fallback_threshold=math.nextafter(prob, 1)).decision == "fallback"
+
+    # The first verification of pending tokens does not depend on the rollback threshold either.
+    step = first("large", lambda s: len(s.fed) > 1, fallback_threshold=0.0, rollback_threshold=math.inf)
+    ce = max(c for c, t, a in zip(step.cross_entropy, step.fed[1:], step.argmax) if t != a)
+    at = step.start + 1 + step.cross_entropy.index(ce)
+    assert first("large", lambda s: len(s.fed) > 1, fallback_threshold=0.0, rollback_threshold=ce).decision == "accept"
+    rolled = first("large", lambda s: len(s.fed) > 1, fallback_threshold=0.0, rollback_threshold=math.nextafter(ce, 0))
+    assert (rolled.decision, rolled.rollback_at) == ("rollback", at)
+
+
+def test_one_large_call_per_phase_and_one_encode_per_model():
+    large, small = model_pair("agree")
+    src = torch.tensor([[5, 6, 7, 8]])
+    with recording(large, small) as (decodes, encodes):
+        result = generate(large, small, src, max_small_steps=4, max_new_tokens=16)
+    assert [id(m) for m in encodes] == [id(large), id(small)]
+    large_cache = decodes[0][0]
+    assert sum(cache is large_cache for cache, _, _ in decodes) == result.stats.large_calls
+    assert len(decodes) == result.stats.large_calls + result.stats.small_calls
+    assert result.stats.large_calls < len(result.tokens)
+    assert large_cache.max_length == 17
+
+
+def test_trace_text_and_jsonl():
+    large, small = model_pair("disagree")
+    result = generate(large, small, torch.tensor([[3, 4, 5]]), rollback_threshold=1.0, max_small_steps=3,
+                      max_new_tokens=12)
+    text = format_trace(result.trace).splitlines()
+    rows = [json.loads(line) for line in trace_to_jsonl(result.trace).splitlines()]
+    assert len(text) == len(rows) == len(result.trace)
+    for line, row, step in zip(text, rows, result.trace):
+        assert line.startswith(f"{step.model} @{step.start} fed ") and row["model"] == step.model
+        assert row["start"] == step.start and row["fed"] == step.fed and row["decision"] == step.decision
+        if step.model == "small":
+            assert row["prob"] == step.prob  # unrounded
+        else:
+            assert row["cross_entropy"] == step.cross_entropy
+            if step.decision == "rollback":
+                assert f"rollback at {step.rollback_at}" in line
+
+
+def test_probabilities_in_float32_for_low_precision_models():
+    large, small = (copy.deepcopy(m).to(torch.bfloat16) for m in model_pair("disagree"))
+    result = generate(large, small, torch.tensor([[3, 4, 5]]), max_new_tokens=6)
+    probs = [s.prob for s in result.trace if s.model == "small"]
+    # bf16 has 8 significant bits: a softmax computed in bf16 would round every probability to them.
+    assert any(p != float(torch.tensor(p).to(torch.bfloat16)) for p in probs), probs
+
+
+@pytest.mark.parametrize("small, message", [
+    (lambda: random_t5(1, vocab_size=VOCAB + 1), f"vocab_size: large has {VOCAB}, small has {VOCAB + 1}"),
+    (lambda: random_t5(1, pad_token_id=3), "pad_token_id: large has 0, small has 3"),
+    (lambda: random_t5(1, eos_token_id=2), "eos_token_id: large has 1, small has 2"),
+    (lambda: random_t5(1, decoder_start_token_id=4), "decoder_start_token_id: large has 0, small has 4"),
+    (lambda: copy.deepcopy(model_pair("disagree")[1]).float(), "the small model torch.float32"),
+    (lambda: copy.deepcopy(model_pair("disagree")[1]).to("meta"), "the small model on meta"),
+])
+def test_mismatched_models_are_rejected(small, message):
+    large, small = model_pair("disagree")[0], small()
+    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+        generate(large, small, torch.tensor([[3, 4]]))
+    assert decodes == encodes == []
+
+
+@pytest.mark.parametrize("src, kwargs, message", [
+    (torch.tensor([[3, 4], [5, 6]]), {}, r"one source at a time: input_ids must have shape \(1, S\), got \(2, 2\)"),
+    (torch.tensor([3, 4]), {}, r"must have shape \(1, S\), got \(2,\)"),
+    (None, {"fallback_threshold": -0.1}, "fallback_threshold must be >= 0, got -0.1"),
+    (None, {"fallback_threshold": math.nan}, "fallback_threshold must be >= 0, got nan"),
+    (None, {"rollback_threshold": -1.0}, "rollback_threshold must be >= 0, got -1.0"),
+    (None, {"rollback_threshold": math.nan}, "rollback_threshold must be >= 0, got nan"),
+    (None, {"max_small_steps": 0}, "max_small_steps must be >= 1, got 0"),
+    (None, {"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+])
+def test_bad_arguments_are_rejected(src, kwargs, message):
+    large, small = model_pair("disagree")
+    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+        generate(large, small, torch.tensor([[3, 4]]) if src is None else src, **kwargs)
+    assert decodes == encodes == []

@@ -1,0 +1,98 @@
+"""The main job, `python -m minibild`, on the shipped demo pair: output contract and error paths."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minibild
+from minibild import bild
+from minibild.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+LARGE, SMALL = ROOT / "weights" / "large", ROOT / "weights" / "small"
+
+
+def run_cli(capsys, *args, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_shipped_pair_loads_with_its_tokenizer():
+    large, small = minibild.load(LARGE), minibild.load(SMALL)
+    assert large.embed.weight.dtype == torch.float32  # stored as float16, computed in float32 by default
+    assert large.config.vocab_size == small.config.vocab_size == minibild.Tokenizer(LARGE / "spiece.model").vocab_size
+    assert (LARGE / "spiece.model").read_bytes() == (SMALL / "spiece.model").read_bytes()
+
+
+def test_translates_a_known_sentence_sensibly(capsys):
+    status, out, _ = run_cli(capsys, "--mode", "small", "El que no ama, no conoce á Dios; porque Dios es amor.")
+    assert status == 0
+    words = out.lower()
+    assert out.count("\n") == 1 and "god" in words and "love" in words, out
+
+
+def test_rollback_zero_on_the_shipped_pair_is_large_greedy_in_float64():
+    large, small = minibild.load(LARGE, dtype=torch.float64), minibild.load(SMALL, dtype=torch.float64)
+    tok = minibild.Tokenizer(LARGE / "spiece.model")
+    rows = [json.loads(line) for line in (ROOT / "data" / "test.jsonl").read_text().splitlines()[:3]]
+    for row in rows:
+        ids = torch.tensor([tok.encode(row["source"])])
+        expected = minibild.greedy(large, ids, 48)[0]
+        result = bild.generate(large, small, ids, fallback_threshold=0.6, rollback_threshold=0.0, max_new_tokens=48)
+        assert result.tokens == expected
+        assert result.stats.small_tokens > 0  # the small model did contribute tokens
+
+
+def test_one_output_line_per_input_line(capsys, monkeypatch):
+    lines = ["Dios es amor.", "Y dijo Dios: Sea la luz.", "Jehová es mi pastor."]
+    status, out, err = run_cli(capsys, "--max-new-tokens", "16", stdin="\n".join(lines) + "\n",
+                               monkeypatch=monkeypatch)
+    assert status == 0 and len(out.splitlines()) == 3 and all(out.splitlines())
+    assert "translating" in err  # the progress bar goes to stderr
+
+
+def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
+    for mode in ("bild", "large", "small", "speculative"):
+        status, out, _ = run_cli(capsys, "--mode", mode, "--max-new-tokens", "12", "Dios es amor.")
+        assert status == 0 and len(out.splitlines()) == 1
+    status, out, err = run_cli(capsys, "--trace", "--max-new-tokens", "12", "Dios es amor.")
+    assert status == 0 and len(out.splitlines()) == 1 and "large @0 fed [0]" in err and "BiLDStats" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "quantum", "hola"], "'quantum' is not a device"),
+    (["--device", "cuda", "hola"], "CUDA is not available"),
+    (["--dtype", "float16", "hola"], "float16 is for GPUs"),
+    (["--large", "/nonexistent/model", "hola"], "/nonexistent/model: no minibild checkpoint"),
+    (["--max-input-tokens", "3", "Y dijo Dios: Sea la luz."], "more than --max-input-tokens 3"),
+    (["--rollback-threshold", "-1", "hola"], "rollback_threshold must be >= 0"),
+    (["--max-small-steps", "0", "hola"], "max_small_steps must be >= 1"),
+    (["   "], "input 1 is empty"),
+], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty"])
+def test_bad_input_gives_a_clear_error(capsys, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    status, out, err = run_cli(capsys, *args)
+    assert status == 2 and out == "" and message in err and err.startswith("minibild: error:")
+
+
+def test_mismatched_weights_are_refused(capsys, tmp_path):
+    config = minibild.T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    minibild.save(minibild.T5(config), tmp_path / "other", tokenizer=LARGE / "spiece.model")
+    status, _, err = run_cli(capsys, "--small", str(tmp_path / "other"), "hola")
+    assert status == 2 and "vocab_size" in err and "8000" in err and "100" in err
+
+
+def test_empty_stdin_and_console_script(capsys, monkeypatch):
+    status, _, err = run_cli(capsys, stdin="", monkeypatch=monkeypatch)
+    assert status == 2 and "no input" in err
+    done = subprocess.run([sys.executable, "-m", "minibild", "--mode", "small", "--max-new-tokens", "8", "Dios"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
