@@ -67,6 +67,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def trace_pieces(trace, tok: Tokenizer) -> str:
+    """'id=piece' for every token a trace mentions, so a reader can follow it in words."""
+    ids = set()
+    for step in trace:
+        ids.update(step.fed + (step.argmax if isinstance(step, bild.LargeStep) else [step.token]))
+    return " ".join(f"{i}={tok.sp.IdToPiece(i)}" for i in sorted(ids))
+
+
 def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
@@ -98,7 +106,8 @@ def run(args) -> int:
     for i, ids in progress(enumerate(sources, 1), len(sources), "translating", show_progress):
         tokens, result = mode.decode(models.get("large"), models.get("small"), torch.tensor([ids], device=device))
         if args.trace and result is not None:
-            print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}", file=sys.stderr)
+            print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}\n"
+                  f"pieces: {trace_pieces(result.trace, tok)}", file=sys.stderr)
         if tokens[-1:] != [EOS_ID]:
             print(f"minibild: warning: input {i} reached --max-new-tokens {args.max_new_tokens} before "
                   "the end of its translation", file=sys.stderr)

@@ -254,6 +254,7 @@ class T5(nn.Module):
         self.decoder = Decoder(config)
         # t5 v1.0 reuses the embedding as LM head; v1.1, flan-t5 and mT5 have their own.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._head_t, self._head_t_key = None, None  # see lm_head_transposed
 
     def _check_ids(self, name, ids):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
@@ -296,7 +297,19 @@ class T5(nn.Module):
         h = self.decoder(self.embed(decoder_input_ids), cache)  # (B, T, d_model)
         if self.config.scale_decoder_outputs:
             h = h * self.config.d_model ** -0.5  # t5 v1.0 rescales because its LM head is the embedding
-        return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V, d_model)
+        if weight.device.type == "cpu" and not torch.is_grad_enabled():
+            return h @ self.lm_head_transposed(weight)  # (B, T, V)
+        return F.linear(h, weight)  # (B, T, V)
+
+    def lm_head_transposed(self, weight):
+        """`weight` as a contiguous (d_model, V) copy. The LM head is the largest matrix a decode step
+        reads, and CPU BLAS multiplies one row by it 2-3x faster in this layout than in nn.Linear's.
+        Cached for inference; rebuilt whenever the weight is replaced or changed in place."""
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        if self._head_t_key != key:
+            self._head_t, self._head_t_key = weight.t().contiguous(), key
+        return self._head_t
 
     def forward(self, input_ids, decoder_input_ids, attention_mask=None):
         """Full, uncached forward: (B, S) source and (B, T) decoder ids -> logits (B, T, V)."""

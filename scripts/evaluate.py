@@ -157,11 +157,11 @@ COLUMNS = [("bleu", "BLEU", ".2f"), ("chrf", "chrF", ".2f"), ("mean_output_token
 def format_table(report: dict, columns=COLUMNS) -> str:
     """One row per system, one column per (key, title, format); a key the entry lacks shows as '-'."""
     width = max(map(len, report)) + 2
-    lines = ["system".ljust(width) + " | ".join(title for _, title, _ in columns)]
-    for label, entry in report.items():
-        cells = [format(entry[key], fmt).rjust(len(title)) if key in entry else "-".rjust(len(title))
-                 for key, title, fmt in columns]
-        lines.append(label.ljust(width) + " | ".join(cells))
+    rows = [[format(entry[key], fmt) if key in entry else "-" for key, _, fmt in columns] for entry in report.values()]
+    widths = [max([len(title)] + [len(row[i]) for row in rows]) for i, (_, title, _) in enumerate(columns)]
+    lines = ["system".ljust(width) + " | ".join(title.rjust(w) for (_, title, _), w in zip(columns, widths))]
+    for label, row in zip(report, rows):
+        lines.append(label.ljust(width) + " | ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@
 
 Systems: `large`, `small`, `speculative:K`, `bild:FALLBACK,ROLLBACK[,N]` (minibild), and with --hf-large
 (and --hf-small), `hf-greedy` and `hf-assisted`: transformers' generate(), greedy and with the small model as
-assistant, on the Hugging Face folders the minibild files were converted from. Every source is decoded by
-every system --repeats times, the order rotating from round to round, after --warmup untimed rounds on the
-first source; latency is the median over repeats, speedup is relative to large greedy in the same run.
+assistant (transformers' default assistant settings), on the Hugging Face folders the minibild files were
+converted from. Every source is decoded by every system --repeats times, the order rotating from round to
+round, after --warmup untimed rounds on the first source; latency is the median over repeats, speedup is
+relative to large greedy in the same run.
 Exact systems (bild with rollback 0 or fallback > 1, speculative, hf-greedy, hf-assisted) are checked
 token for token against large greedy. For BiLD, the large model's share of wall time is measured by
 timing its encode / new_cache / decode calls (a wrapper here; minibild's own code is not instrumented).
@@ -65,12 +66,10 @@ class TimedModel:
         return self._timed(self.model.decode, *args, **kwargs)
 
 
-def is_exact(spec: str, mode) -> bool:
-    """Whether the system must reproduce large greedy's tokens (up to floating point)."""
-    if mode is None:
-        return True  # hf-greedy, hf-assisted
-    return mode.name == "speculative" or (mode.name == "bild" and (mode.rollback_threshold == 0
-                                                                    or mode.fallback_threshold > 1))
+def is_exact(mode) -> bool:
+    """Whether the system must reproduce large greedy's tokens (up to floating point); None: hf-greedy, hf-assisted."""
+    return mode is None or mode.name == "speculative" or (mode.name == "bild" and (mode.rollback_threshold == 0
+                                                                                   or mode.fallback_threshold > 1))
 
 
 def load_hf(path, device, dtype):
@@ -92,7 +91,9 @@ def hf_decode(model, assistant, max_new_tokens: int, input_ids):
         # transformers sizes the decoder's cache by the encoder's depth and fails on a deeper decoder;
         # a cache made without a config grows to as many layers as it is fed.
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-        cache = {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        name = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"  # renamed in transformers 5
+        cache = {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=assistant,
                          do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache)
     tokens, eos = out[0, 1:].tolist(), model.config.eos_token_id  # without the decoder-start token
@@ -134,7 +135,7 @@ def time_dtype(args, specs: list[str], dtype_name: str, device) -> dict:
             else:
                 timers[label] = TimedModel(large, sync)
                 systems[label] = partial(mode.decode, timers[label], small)
-        exact[label] = is_exact(spec, mode)
+        exact[label] = is_exact(mode)
     for _ in range(args.warmup):  # allocator, kernels, lazy initialisation: out of the timed runs
         for decode in systems.values():
             decode(sources[0])

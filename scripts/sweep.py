@@ -1,0 +1,198 @@
+"""BiLD's quality-latency trade-off: a grid of fallback and rollback thresholds (and N), measured in one run.
+
+    python scripts/sweep.py --split data/dev.jsonl --limit 200 --threads 1 --out runs/sweep
+    python scripts/sweep.py --fallback 0.5 0.7 0.9 --rollback 1 3 --n 5 10 --metric rougeL --split xsum.jsonl
+
+Every source is decoded by large greedy, small greedy, speculative decoding (k draft tokens) and BiLD at
+every grid point, interleaved as in scripts/evaluate.py, so that each point's quality (BLEU, or ROUGE-L for
+summaries) sits against its speedup over large greedy measured in the same run. Writes OUT.json and, when
+matplotlib is installed, OUT.png (quality against speedup, like the paper's figures); prints the table, the
+Pareto front (no point is both better and faster) and the fastest point within 1 point of large greedy's
+quality. Tune on a dev split: thresholds picked on the test split make its figures optimistic.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from evaluate import (DTYPES, WEIGHTS, UsageError, bleu, device_name, evaluate, format_table, load_pair,
+                      parse_system, pick_device, read_split)
+from minibild.modes import Mode
+
+DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
+DEFAULT_ROLLBACK = [1.0, 2.0, 3.0, 5.0, 8.0]
+
+
+def lcs_length(a: list, b: list) -> int:
+    """Length of the longest common subsequence of a and b (one row of the dynamic programme at a time)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(hypotheses: list[str], references: list[str]) -> float:
+    """ROUGE-L F1 (Lin, 2004) over lowercased whitespace tokens, averaged over sentences, times 100."""
+    scores = []
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        h, r = hypothesis.lower().split(), reference.lower().split()
+        common = lcs_length(h, r)
+        scores.append(0.0 if common == 0 else 2 * common / (len(h) + len(r)))  # 2PR / (P + R)
+    return 100 * statistics.mean(scores)
+
+
+METRICS = {"bleu": bleu, "rougeL": rouge_l}
+TITLES = {"bleu": "BLEU", "rougeL": "ROUGE-L"}
+
+
+def point(mode: Mode, entry: dict, metric: str) -> dict:
+    """One system of the sweep as a point: its label, settings, quality and speedup."""
+    p = {"label": mode.label, "system": mode.name, "quality": entry[metric], "speedup": entry["speedup"]}
+    if mode.name == "bild":
+        p.update(fallback_threshold=mode.fallback_threshold, rollback_threshold=mode.rollback_threshold)
+    if mode.name in ("bild", "speculative"):
+        p["max_small_steps"] = mode.max_small_steps
+    return p
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both quality and speedup (better on one, at least as good on the
+    other), by increasing speedup."""
+    def dominated(p):
+        return any(q["quality"] >= p["quality"] and q["speedup"] >= p["speedup"]
+                   and (q["quality"] > p["quality"] or q["speedup"] > p["speedup"]) for q in points)
+    return sorted((p for p in points if not dominated(p)), key=lambda p: p["speedup"])
+
+
+def fastest_within(points: list[dict], quality: float, tolerance: float = 1.0) -> dict | None:
+    """The fastest point whose quality is at most `tolerance` below `quality`, or None."""
+    return max((p for p in points if p["quality"] >= quality - tolerance), key=lambda p: p["speedup"], default=None)
+
+
+def plot(points: list[dict], front: list[dict], best: dict | None, metric: str, path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    grid = [p for p in points if p["system"] == "bild"]
+    if grid:
+        dots = ax.scatter([p["speedup"] for p in grid], [p["quality"] for p in grid],
+                          c=[p["fallback_threshold"] for p in grid], cmap="viridis", s=30, zorder=3)
+        fig.colorbar(dots, ax=ax, label="fallback threshold (numbers: rollback threshold)")
+        for p in grid:
+            ax.annotate(f"{p['rollback_threshold']:g}", (p["speedup"], p["quality"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.plot([p["speedup"] for p in front], [p["quality"] for p in front], "k--", lw=1, label="Pareto front")
+    for system, marker, color in (("large", "*", "red"), ("small", "s", "gray"), ("speculative", "^", "blue")):
+        for p in (p for p in points if p["system"] == system):
+            ax.scatter(p["speedup"], p["quality"], marker=marker, color=color, s=90, zorder=4, label=p["label"])
+    large = next(p for p in points if p["system"] == "large")
+    ax.axhline(large["quality"] - 1, color="red", ls=":", lw=1, label="large greedy - 1")
+    if best:
+        ax.scatter(best["speedup"], best["quality"], s=250, facecolors="none", edgecolors="red", zorder=5,
+                   label=f"fastest within 1: {best['label']}")
+    ax.set_xlabel("speedup over large greedy (same run)")
+    ax.set_ylabel(TITLES[metric])
+    ax.set_title(title, fontsize=8, wrap=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="data/dev.jsonl", help="JSONL with 'source' and 'reference' per line")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N sources (0: all)")
+    p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
+    p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
+    p.add_argument("--fallback", nargs="+", type=float, default=DEFAULT_FALLBACK, help="fallback thresholds")
+    p.add_argument("--rollback", nargs="+", type=float, default=DEFAULT_ROLLBACK, help="rollback thresholds")
+    p.add_argument("--n", nargs="+", type=int, default=[10], help="max small steps N")
+    p.add_argument("--k", type=int, default=5, help="draft tokens of the speculative decoding baseline")
+    p.add_argument("--metric", choices=sorted(METRICS), default="bleu", help="rougeL when references are summaries")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default="runs/sweep", help="writes OUT.json and OUT.png")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    for name, values in (("fallback", args.fallback), ("rollback", args.rollback)):
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise UsageError(f"--{name} thresholds must be finite and >= 0, got {values}")
+    if min(args.n + [args.k]) < 1:
+        raise UsageError(f"--n and --k must be >= 1, got --n {args.n} --k {args.k}")
+    grid = [Mode("bild", fb, rb, n, args.max_new_tokens)
+            for n, rb, fb in product(args.n, args.rollback, args.fallback)]
+    baselines = [parse_system(s, args.max_new_tokens) for s in ("large", "small", f"speculative:{args.k}")]
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = read_split(Path(args.split), args.limit)
+    large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype])
+    if tok is None:
+        raise UsageError(f"{args.large}: no spiece.model beside the weights")
+
+    systems = baselines + list({m.label: m for m in grid}.values())  # a repeated grid value runs once
+    report = evaluate(systems, large, small, tok, rows, device, not args.no_progress,
+                      metrics={args.metric: METRICS[args.metric]})
+    points = [point(m, report[m.label], args.metric) for m in systems]
+    front = pareto_front(points)
+    best = fastest_within(points, report["large"][args.metric])
+    title = (f"{len(rows)} sentences of {Path(args.split).name}, {Path(args.large).name} / {Path(args.small).name}, "
+             f"{device_name(device)}, {args.dtype}, {torch.get_num_threads()} threads")
+
+    columns = [(args.metric, TITLES[args.metric], ".2f"),
+               ("speedup", "speedup", ".2f"), ("median_ms", "median ms", ".1f"), ("same_as_large", "= large", ".1%"),
+               ("fallbacks_per_sentence", "fallbacks/sent", ".2f"), ("rollbacks_per_sentence", "rollbacks/sent", ".2f"),
+               ("tokens_per_large_call", "tokens/large call", ".2f")]
+    print(f"{len(rows)} sentences of {args.split}, {args.large} / {args.small} on {device_name(device)} ({args.dtype}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}); speedup vs large greedy in this run")
+    print(format_table(report, columns))
+    print("Pareto front (quality, speedup):")
+    for p in front:
+        print(f"  {p['label']}: {p['quality']:.2f} @ {p['speedup']:.2f}x")
+    print("fastest within 1 point of large greedy: " +
+          (f"{best['label']}: {best['quality']:.2f} @ {best['speedup']:.2f}x" if best else "none"))
+
+    json_path, png_path = Path(f"{args.out}.json"), Path(f"{args.out}.png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": args.small,
+            "metric": args.metric, "device": device_name(device), "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    result = {"meta": meta, "points": points, "pareto_front": [p["label"] for p in front],
+              "fastest_within_1": best["label"] if best else None, "systems": report}
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    try:
+        plot(points, front, best, args.metric, png_path, title)
+        print(f"wrote {png_path}")
+    except ImportError:
+        print("no plot: matplotlib is not installed; pip install -e '.[plot]'", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

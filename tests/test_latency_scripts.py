@@ -1,0 +1,206 @@
+"""scripts/time_latency.py and scripts/sweep.py end to end on a tiny random pair, their refusals, and the
+ROUGE-L and Pareto-front helpers on hand-computed examples."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import minibild
+from minibild.weights import save_hf
+from sweep import fastest_within, lcs_length, pareto_front, rouge_l
+from sweep import main as sweep_main
+from time_latency import main as time_main
+from train import PRESETS
+from train import main as train_main
+
+WORDS = "el la de que y en un dios señor tierra cielo pueblo casa the of and lord earth heaven people house".split()
+SENTENCES = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(3 + i % 5)) for i in range(40)]
+
+
+def random_t5(vocab_size: int, layers: int, seed: int) -> minibild.T5:
+    """A tiny random T5 whose greedy output depends on its input and whose top probabilities spread over
+    (0, 1), so that BiLD falls back, rolls back and accepts small tokens."""
+    config = minibild.T5Config(vocab_size=vocab_size,
+                               **{**PRESETS["tiny"], "num_layers": layers, "num_decoder_layers": layers})
+    torch.manual_seed(seed)
+    model = minibild.T5(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "decoder.final_norm.weight":
+                p.normal_(3.0, 0.3)  # sharper output distributions
+            elif name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 1.0 if name == "embed.weight" else 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny random large/small pair sharing a sentencepiece tokenizer, in minibild's format and as Hugging
+    Face folders, and a six-sentence split whose references are the large model's greedy translations."""
+    root = tmp_path_factory.mktemp("pair")
+    (root / "train.jsonl").write_text("".join(json.dumps({"source": s, "reference": s}) + "\n" for s in SENTENCES))
+    train_main(["tokenizer", "--data", str(root), "--out", str(root / "spiece.model"), "--vocab-size", "40"])
+    tok = minibild.Tokenizer(root / "spiece.model")
+    for name, layers in (("large", 2), ("small", 1)):
+        model = random_t5(tok.vocab_size, layers, seed=layers)
+        minibild.save(model, root / name, tokenizer=root / "spiece.model")
+        save_hf(model, root / name / "hf")
+    large = minibild.load(root / "large")
+    references = [tok.decode(minibild.greedy(large, torch.tensor([tok.encode(s)]), 10)[0]) for s in SENTENCES[:6]]
+    (root / "dev.jsonl").write_text("".join(json.dumps({"source": s, "reference": r}) + "\n"
+                                            for s, r in zip(SENTENCES, references)))
+    return root
+
+
+def models(pair):
+    return ["--large", str(pair / "large"), "--small", str(pair / "small")]
+
+
+# --- time_latency.py ---------------------------------------------------------------------------------------
+
+def test_time_latency_split_with_transformers(pair, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "latency.json"
+    # float64: a k-token and k one-token forwards, or two implementations, could flip a float32 near-tie.
+    assert time_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--hf-large", str(pair / "large" / "hf"),
+                      "--hf-small", str(pair / "small" / "hf"), "--dtype", "float64", "--max-new-tokens", "10",
+                      "--repeats", "2", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"device", "threads", "torch", "transformers", "repeats", "warmup"} <= set(report["meta"])
+    [run] = report["runs"]
+    assert run["dtype"] == "float64" and run["sentences"] == 6
+    systems = run["systems"]
+    assert list(systems) == ["large", "small", "bild(fb=0.6,rb=5,N=10)", "bild(fb=0.6,rb=0,N=10)",
+                             "speculative(k=5)", "hf-greedy", "hf-assisted"]
+    exact = ["bild(fb=0.6,rb=0,N=10)", "speculative(k=5)", "hf-greedy", "hf-assisted"]
+    assert run["exact"] == {label: True for label in exact}
+    for label, entry in systems.items():
+        assert {"median_ms", "mean_ms", "speedup", "median_speedup", "same_as_large"} <= set(entry)
+        assert entry["median_ms"] > 0
+        if label in exact:
+            assert entry["same_as_large"] == 1 and entry["differs_from_large"] == []
+        if label.startswith(("bild", "speculative")):
+            assert 0 < entry["large_share"] <= 1 and entry["tokens_per_large_call"] >= 1
+    assert systems["large"]["speedup"] == 1
+    printed = capsys.readouterr().out
+    assert "float64, 1 threads" in printed and "large share" in printed
+    assert printed.count("identical to large greedy") == 4
+
+
+def test_time_latency_synthetic_several_dtypes(pair, tmp_path):
+    out = tmp_path / "latency.json"
+    assert time_main(["--synthetic", "3", "--source-length", "6", *models(pair), "--dtype", "float32", "float64",
+                      "--systems", "bild:0.5,1,3", "speculative:3", "--max-new-tokens", "8", "--warmup", "0",
+                      "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["inputs"].startswith("3 synthetic sources of 6 tokens")
+    assert [r["dtype"] for r in report["runs"]] == ["float32", "float64"]
+    for run in report["runs"]:
+        assert list(run["systems"]) == ["large", "bild(fb=0.5,rb=1,N=3)", "speculative(k=3)"]  # large added
+        assert list(run["exact"]) == ["speculative(k=3)"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--systems", "large", "beam:4"], "bad system 'beam:4'"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--split", "EMPTY"], "the split is empty"),
+    (["--large", "MISSING"], "no minibild checkpoint here"),
+    (["--systems", "hf-greedy"], "hf-greedy needs --hf-large"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_time_latency_refuses(pair, tmp_path, capsys, arguments, message):
+    if "cuda" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    arguments = [a.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("MISSING", str(tmp_path / "none"))
+                 for a in arguments]
+    assert time_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--no-progress", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("time_latency: error: ") and message in err and err.count("\n") == 1
+
+
+# --- sweep.py ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["bleu", "rougeL"])
+def test_sweep_end_to_end(pair, tmp_path, capsys, metric):
+    out = tmp_path / "sweep"
+    assert sweep_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--fallback", "0.3", "0.9",
+                       "--rollback", "0", "2", "--n", "4", "--k", "3", "--metric", metric, "--max-new-tokens", "10",
+                       "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert {"meta", "points", "pareto_front", "fastest_within_1", "systems"} <= set(result)
+    labels = [p["label"] for p in result["points"]]
+    assert labels[:3] == ["large", "small", "speculative(k=3)"] and len(labels) == 3 + 4
+    for point in result["points"]:
+        assert point["quality"] == result["systems"][point["label"]][metric]
+        assert point["speedup"] == result["systems"][point["label"]]["speedup"]
+    assert set(result["pareto_front"]) <= set(labels) and result["fastest_within_1"] in labels
+    quality = {p["label"]: p["quality"] for p in result["points"]}
+    assert quality["large"] == pytest.approx(100)  # the references are its own translations
+    for exact in ("speculative(k=3)", "bild(fb=0.3,rb=0,N=4)", "bild(fb=0.9,rb=0,N=4)"):
+        assert quality[exact] == quality["large"] and result["systems"][exact]["same_as_large"] == 1
+    assert quality["small"] < 100 and quality["bild(fb=0.3,rb=2,N=4)"] < 100  # the pair disagrees
+    printed = capsys.readouterr().out
+    assert "Pareto front" in printed and "fastest within 1 point of large greedy: " in printed
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_without_matplotlib_writes_json(pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert sweep_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--fallback", "0.5", "--rollback", "1",
+                       "--max-new-tokens", "6", "--no-progress", "--out", str(tmp_path / "sweep")]) == 0
+    assert json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert not (tmp_path / "sweep.png").exists()
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--split", "EMPTY"], "the split is empty"),
+    (["--rollback", "inf"], "--rollback thresholds must be finite and >= 0"),
+    (["--fallback", "-0.5"], "--fallback thresholds must be finite and >= 0"),
+])
+def test_sweep_refuses(pair, tmp_path, capsys, arguments, message):
+    if "cuda" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "empty.jsonl").write_text("")
+    arguments = [a.replace("EMPTY", str(tmp_path / "empty.jsonl")) for a in arguments]
+    assert sweep_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--no-progress",
+                       "--out", str(tmp_path / "sweep"), *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: error: ") and message in err and err.count("\n") == 1
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+def test_lcs_length():
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4  # BCBA (CLRS)
+    assert lcs_length([], list("abc")) == lcs_length(list("abc"), []) == 0
+    assert lcs_length(list("abc"), list("abc")) == 3
+
+
+def test_rouge_l_by_hand():
+    # LCS "the cat on the mat": 5 of 6 tokens each way, F1 = 5/6.
+    assert rouge_l(["the cat sat on the mat"], ["the cat is on the mat"]) == pytest.approx(100 * 5 / 6)
+    # Lowercased; LCS 1 (any single word): P = R = 1/3.
+    assert rouge_l(["A B C"], ["c b a"]) == pytest.approx(100 / 3)
+    # LCS 2 of a 2-token hypothesis and a 4-token reference: P = 1, R = 1/2, F1 = 2/3. Averaged with 0.
+    assert rouge_l(["police killed", ""], ["police killed the gunman", "anything"]) == pytest.approx(100 / 3)
+
+
+def test_pareto_front_and_fastest_within():
+    def point(label, quality, speedup):
+        return {"label": label, "quality": quality, "speedup": speedup}
+
+    points = [point("large", 30.0, 1.0), point("small", 20.0, 3.0), point("a", 29.5, 1.6),
+              point("b", 29.0, 1.5),  # dominated by a
+              point("c", 28.5, 2.0), point("d", 30.0, 0.9),  # dominated by large (same quality, slower)
+              point("e", 25.0, 2.0)]  # dominated by c (same speed, worse)
+    assert [p["label"] for p in pareto_front(points)] == ["large", "a", "c", "small"]
+    assert fastest_within(points, 30.0)["label"] == "a"  # c is 1.5 below
+    assert fastest_within(points, 30.0, tolerance=1.5)["label"] == "c"
+    assert fastest_within(points, 40.0) is None
