@@ -165,26 +165,36 @@ def format_table(report: dict, columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", default="data/test.jsonl")
-    p.add_argument("--large", default=str(WEIGHTS / "large"))
-    p.add_argument("--small", default=str(WEIGHTS / "small"))
-    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+def common_arguments(description: str, split: str, max_new_tokens: int) -> argparse.ArgumentParser:
+    """A parser with the options every measuring script shares: the pair, the sources, the machine."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default=split, help="JSONL with a 'source' (and a 'reference') per line")
     p.add_argument("--limit", type=int, default=0, help="use only the first N sources (0: all)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
+    p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", help="also write the report here")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def report_errors(program: str, run, args) -> int:
+    """Run `run(args)`; a user error becomes one line on stderr and exit status 2, not a traceback."""
     try:
         run(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        print(f"{program}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    p = common_arguments(__doc__, split="data/test.jsonl", max_new_tokens=256)
+    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--json", help="also write the report here")
+    return report_errors("evaluate", run, p.parse_args(argv))
 
 
 def run(args):

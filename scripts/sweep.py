@@ -10,7 +10,6 @@ matplotlib is installed, OUT.png (quality against speedup, like the paper's figu
 Pareto front (no point is both better and faster) and the fastest point within 1 point of large greedy's
 quality. Tune on a dev split: thresholds picked on the test split make its figures optimistic.
 """
-import argparse
 import json
 import math
 import statistics
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from evaluate import (DTYPES, WEIGHTS, UsageError, bleu, device_name, evaluate, format_table, load_pair,
-                      parse_system, pick_device, read_split)
+from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, format_table, load_pair,
+                      parse_system, pick_device, read_split, report_errors)
 from minibild.modes import Mode
 
 DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
@@ -110,33 +109,19 @@ def plot(points: list[dict], front: list[dict], best: dict | None, metric: str, 
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", default="data/dev.jsonl", help="JSONL with 'source' and 'reference' per line")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N sources (0: all)")
-    p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
-    p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
+    p = common_arguments(__doc__, split="data/dev.jsonl", max_new_tokens=256)
     p.add_argument("--fallback", nargs="+", type=float, default=DEFAULT_FALLBACK, help="fallback thresholds")
     p.add_argument("--rollback", nargs="+", type=float, default=DEFAULT_ROLLBACK, help="rollback thresholds")
     p.add_argument("--n", nargs="+", type=int, default=[10], help="max small steps N")
     p.add_argument("--k", type=int, default=5, help="draft tokens of the speculative decoding baseline")
     p.add_argument("--metric", choices=sorted(METRICS), default="bleu", help="rougeL when references are summaries")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default="runs/sweep", help="writes OUT.json and OUT.png")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors("sweep", run, parse_args(argv))
 
 
 def run(args):

@@ -18,7 +18,6 @@ Not offered: torch.compile and CUDA graphs. Each decoder call sees a new cache l
 calls a new number of tokens, so compiled graphs would be rebuilt or made dynamic call after call, and
 at batch 1 the Python loop around the model is a large part of the time.
 """
-import argparse
 import json
 import platform
 import sys
@@ -28,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from evaluate import (DTYPES, WEIGHTS, UsageError, decode_interleaved, device_name, format_table, load_pair,
-                      parse_system, pick_device, read_split, summarize)
+from evaluate import (DTYPES, UsageError, common_arguments, decode_interleaved, device_name, format_table,
+                      load_pair, parse_system, pick_device, read_split, report_errors, summarize)
 
 DEFAULT_SYSTEMS = ["large", "small", "bild:0.6,5", "bild:0.6,0", "speculative:5"]
 HF_SYSTEMS = ("hf-greedy", "hf-assisted")
@@ -156,38 +155,24 @@ def time_dtype(args, specs: list[str], dtype_name: str, device) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", default="data/test.jsonl", help="JSONL with a 'source' per line")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N sources (0: all)")
+    p = common_arguments(__doc__, split="data/test.jsonl", max_new_tokens=128)
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="time N random sources instead of a split")
     p.add_argument("--source-length", type=int, default=32, help="tokens per synthetic source, EOS included")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources")
-    p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
-    p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
     p.add_argument("--hf-large", help="the large model's Hugging Face folder: adds hf-greedy")
     p.add_argument("--hf-small", help="the small model's Hugging Face folder: adds hf-assisted (with --hf-large)")
     p.add_argument("--systems", nargs="+", help=f"default: {' '.join(DEFAULT_SYSTEMS)}, and the hf systems "
                                                 "the --hf folders allow; large greedy is always added")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
                    help="one or more: each is a separate timed run (a T4 has no bfloat16)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per source and system; median reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every system on the first source")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the report here")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"time_latency: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report_errors("time_latency", run, parse_args(argv))
 
 
 def run(args):
