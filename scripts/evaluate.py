@@ -197,10 +197,8 @@ def main(argv=None) -> int:
     return report_errors("evaluate", run, p.parse_args(argv))
 
 
-def run(args):
-    systems = [parse_system(s, args.max_new_tokens) for s in args.systems]
-    if "large" not in [m.label for m in systems]:
-        systems.insert(0, Mode("large", max_new_tokens=args.max_new_tokens))  # the baseline of every speedup
+def setup(args):
+    """The device, the sources and the pair (with its tokenizer) that the common options name."""
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +206,14 @@ def run(args):
     large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype])
     if tok is None:
         raise UsageError(f"{args.large}: no spiece.model beside the weights")
+    return device, rows, large, small, tok
+
+
+def run(args):
+    systems = [parse_system(s, args.max_new_tokens) for s in args.systems]
+    if "large" not in [m.label for m in systems]:
+        systems.insert(0, Mode("large", max_new_tokens=args.max_new_tokens))  # the baseline of every speedup
+    device, rows, large, small, tok = setup(args)
     report = evaluate(systems, large, small, tok, rows, device, not args.no_progress)
     meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": args.small,
             "device": device_name(device), "threads": torch.get_num_threads(), "dtype": args.dtype,

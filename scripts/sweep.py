@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, format_table, load_pair,
-                      parse_system, pick_device, read_split, report_errors)
+from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, format_table,
+                      parse_system, report_errors, setup)
 from minibild.modes import Mode
 
 DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
@@ -133,13 +133,7 @@ def run(args):
     grid = [Mode("bild", fb, rb, n, args.max_new_tokens)
             for n, rb, fb in product(args.n, args.rollback, args.fallback)]
     baselines = [parse_system(s, args.max_new_tokens) for s in ("large", "small", f"speculative:{args.k}")]
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = read_split(Path(args.split), args.limit)
-    large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype])
-    if tok is None:
-        raise UsageError(f"{args.large}: no spiece.model beside the weights")
+    device, rows, large, small, tok = setup(args)
 
     systems = baselines + list({m.label: m for m in grid}.values())  # a repeated grid value runs once
     report = evaluate(systems, large, small, tok, rows, device, not args.no_progress,
