@@ -204,3 +204,27 @@ def test_pareto_front_and_fastest_within():
     assert fastest_within(points, 30.0)["label"] == "a"  # c is 1.5 below
     assert fastest_within(points, 30.0, tolerance=1.5)["label"] == "c"
     assert fastest_within(points, 40.0) is None
+
+
+# --- evaluate.py ---------------------------------------------------------------------------------------------
+
+def test_evaluate_reports_quality_latency_and_bild_stats(pair, tmp_path, capsys):
+    from evaluate import main as evaluate_main
+
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--max-new-tokens", "10",
+                          "--dtype", "float64", "--threads", "1", "--no-progress", "--json", str(out),
+                          "--systems", "small", "bild:0.6,5", "bild:0.6,0"]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["sentences"] == 6
+    systems = report["systems"]
+    assert list(systems) == ["large", "small", "bild(fb=0.6,rb=5,N=10)", "bild(fb=0.6,rb=0,N=10)"]  # large added
+    assert systems["large"]["bleu"] == pytest.approx(100)  # the references are large greedy's own outputs
+    assert systems["bild(fb=0.6,rb=0,N=10)"]["same_as_large"] == 1
+    assert systems["bild(fb=0.6,rb=0,N=10)"]["bleu"] == pytest.approx(100)
+    for label in ("bild(fb=0.6,rb=5,N=10)", "bild(fb=0.6,rb=0,N=10)"):
+        entry = systems[label]
+        assert entry["tokens_per_large_call"] >= 1 and 0 <= entry["small_token_share"] <= 1
+        assert {"fallbacks_per_sentence", "rollbacks_per_sentence", "chrf", "median_ms", "speedup"} <= set(entry)
+    assert "small" in capsys.readouterr().out
+    assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--systems", "bild:x"]) == 2
