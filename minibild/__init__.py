@@ -1,8 +1,8 @@
 """minibild: a reference implementation of Big Little Decoder (BiLD) speculative decoding for T5."""
 from .config import T5Config
 from .generate import greedy
-from .model import T5, KVCache
+from .model import T5, EarlyExit, KVCache
 from .tokenizer import Tokenizer
 from .weights import load, save
 
-__all__ = ["T5Config", "T5", "KVCache", "Tokenizer", "greedy", "load", "save"]
+__all__ = ["T5Config", "T5", "EarlyExit", "KVCache", "Tokenizer", "greedy", "load", "save"]

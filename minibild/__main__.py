@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import bild
+from .model import EarlyExit
 from .modes import MODES, Mode
 from .progress import progress
 from .tokenizer import EOS_ID, Tokenizer
@@ -30,6 +31,8 @@ def parse_args(argv):
     p.add_argument("text", nargs="*", help="texts to translate; none: read one per line from stdin")
     p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
     p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
+    p.add_argument("--exit-layer", type=int, default=0, metavar="K",
+                   help="use the large model's first K decoder layers as the small model (early exit), not --small")
     p.add_argument("--mode", choices=MODES, default="bild",
                    help="bild: BiLD; large/small: greedy with one model; speculative: greedy speculative "
                         "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0)")
@@ -90,8 +93,10 @@ def run(args) -> int:
         raise UsageError(f"--dtype {args.dtype} is for GPUs; on CPU use float32 or float64")
     mode = Mode(args.mode, args.fallback_threshold, args.rollback_threshold, args.max_small_steps,
                 args.max_new_tokens)
-    needs = mode.models()
+    needs = ["large"] if args.exit_layer and mode.name != "large" else mode.models()
     models = {name: load(getattr(args, name), device=device, dtype=dtype) for name in needs}
+    if args.exit_layer:
+        models["small"] = EarlyExit(models["large"], args.exit_layer)
     spiece = tokenizer_path(getattr(args, needs[0]))
     if spiece is None:
         raise UsageError(f"{getattr(args, needs[0])}: no spiece.model beside the weights; "

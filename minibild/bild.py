@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import T5
+from .model import T5, EarlyExit
 
 
 @dataclass
@@ -120,6 +120,8 @@ def _log_probs(logits):
 
 def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollback_threshold,
                      max_small_steps, max_new_tokens):
+    if isinstance(small, EarlyExit) and small.large is not large:
+        raise ValueError("the early-exit small model was built from another large model than the one given")
     for name in ("vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"):
         a, b = getattr(large.config, name), getattr(small.config, name)
         if a != b:
@@ -148,8 +150,14 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float = 0.6
     _check_arguments(large, small, input_ids, fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
     eos = large.config.eos_token_id
     # A large call feeds the whole of y when it verifies a tail ending at the cap: max_new_tokens + 1 positions.
-    large_cache = large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1)
-    small_cache = small.new_cache(small.encode(input_ids), max_length=max_new_tokens + 1)
+    if isinstance(small, EarlyExit):
+        # The small model is the large one's first layers: one encoder pass, one shared cache.
+        large_cache = large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1,
+                                      exit_layer=small.exit_layer)
+        small_cache = small.cache_view(large_cache)
+    else:
+        large_cache = large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1)
+        small_cache = small.new_cache(small.encode(input_ids), max_length=max_new_tokens + 1)
     y = [large.config.decoder_start_token_id]
     verified = 1  # y[:verified] is final; y[verified:] is pending
     stats, trace = BiLDStats(), []

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from minibild import Tokenizer, load  # noqa: E402
+from minibild import EarlyExit, Tokenizer, load  # noqa: E402
 from minibild.__main__ import DTYPES, UsageError, pick_device  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.progress import progress  # noqa: E402
@@ -59,10 +59,11 @@ def read_split(path: Path, limit: int) -> list[dict]:
     return rows
 
 
-def load_pair(large_path, small_path, device, dtype) -> tuple:
-    """The large and small models and the tokenizer stored beside the large one (None if there is none)."""
+def load_pair(large_path, small_path, device, dtype, exit_layer: int = 0) -> tuple:
+    """The large and small models and the tokenizer stored beside the large one (None if there is none).
+    exit_layer k: the small model is the large one's first k decoder layers (EarlyExit), not small_path."""
     large = load(large_path, device=device, dtype=dtype)
-    small = load(small_path, device=device, dtype=dtype)
+    small = EarlyExit(large, exit_layer) if exit_layer else load(small_path, device=device, dtype=dtype)
     spiece = tokenizer_path(large_path)
     return large, small, Tokenizer(spiece) if spiece else None
 
@@ -172,6 +173,8 @@ def common_arguments(description: str, split: str, max_new_tokens: int) -> argpa
     p.add_argument("--limit", type=int, default=0, help="use only the first N sources (0: all)")
     p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
     p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
+    p.add_argument("--exit-layer", type=int, default=0, metavar="K",
+                   help="use the large model's first K decoder layers as the small model (early exit), not --small")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -203,7 +206,7 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = read_split(Path(args.split), args.limit)
-    large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype])
+    large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype], args.exit_layer)
     if tok is None:
         raise UsageError(f"{args.large}: no spiece.model beside the weights")
     return device, rows, large, small, tok

@@ -114,7 +114,7 @@ def read_sources(args, tok, vocab_size: int, eos: int) -> list[list[int]]:
 def time_dtype(args, specs: list[str], dtype_name: str, device) -> dict:
     """Time every system in one dtype -> {"dtype", "systems": {label: entry}, "exact": {label: identical}}."""
     dtype = DTYPES[dtype_name]
-    large, small, tok = load_pair(args.large, args.small, device, dtype)
+    large, small, tok = load_pair(args.large, args.small, device, dtype, args.exit_layer)
     sources = [torch.tensor([ids], device=device)
                for ids in read_sources(args, tok, large.config.vocab_size, large.config.eos_token_id)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import minibild  # noqa: E402
+from minibild.progress import progress  # noqa: E402
 from minibild.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
 from minibild.weights import from_hf, save_hf  # noqa: E402
 
@@ -34,7 +35,7 @@ PRESETS = {
     # Grown from a trained "small" (--init-from): same width, twice the heads, wider feed-forward, 4x the
     # decoder layers; the grown model starts out computing exactly what the small one does.
     "grown": dict(d_model=192, d_kv=64, num_heads=6, d_ff=2048, num_layers=4, num_decoder_layers=8),
-    "tiny": dict(d_model=32, d_kv=8, num_heads=2, d_ff=64, num_layers=1, num_decoder_layers=1),  # for tests
+    "tiny": dict(d_model=32, d_kv=8, num_heads=2, d_ff=64, num_layers=1, num_decoder_layers=2),  # for tests
 }
 
 
@@ -117,10 +118,20 @@ def learning_rate(step: int, peak: float, warmup: int) -> float:
     return peak * min(step / warmup, math.sqrt(warmup / step))
 
 
-def loss_fn(model, batch, label_smoothing: float):
-    logits = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing)
+def loss_fn(model, batch, label_smoothing: float, exit_layer: int = 0, exit_weight: float = 0.0):
+    """Teacher-forced cross-entropy; with exit_layer k, plus exit_weight times the cross-entropy of the
+    early-exit model (the first k decoder layers, then the final norm and LM head: minibild.EarlyExit)."""
+    def cross_entropy(logits):  # (B, T, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast: loss in float32
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
+                               label_smoothing=label_smoothing)
+
+    mask, T = batch["attention_mask"], batch["decoder_input_ids"].shape[1]
+    cache = model.new_cache(model.encode(batch["input_ids"], mask), mask, T, exit_layer=exit_layer or None)
+    loss = cross_entropy(model.decode(batch["decoder_input_ids"], cache))
+    if exit_layer:
+        loss = loss + exit_weight * cross_entropy(minibild.EarlyExit(model, exit_layer).head(cache.exit_hidden))
+    return loss
 
 
 @torch.no_grad()
@@ -157,6 +168,9 @@ def train_model(args):
     device = torch.device(args.device)
     tok = Tokenizer(args.tokenizer)
     config = minibild.T5Config(vocab_size=tok.vocab_size, dropout_rate=args.dropout, **PRESETS[args.preset])
+    if args.exit_layer and not 1 <= args.exit_layer < config.num_decoder_layers:
+        sys.exit(f"--exit-layer must be in [1, {config.num_decoder_layers - 1}] for the {args.preset} preset's "
+                 f"{config.num_decoder_layers} decoder layers, got {args.exit_layer}")
     # What decides the trained weights; the rest (when to stop, where, logging) may change between sittings.
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("func", "time_budget", "device", "epochs", "max_steps", "log_every",
@@ -208,7 +222,7 @@ def train_model(args):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["step"] + 1, args.lr, args.warmup)
             with autocast:
-                loss = loss_fn(model, batch, args.label_smoothing)
+                loss = loss_fn(model, batch, args.label_smoothing, args.exit_layer, args.exit_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -249,21 +263,27 @@ def train_model(args):
               file=sys.stderr)
 
 
-@torch.no_grad()
 def dev_bleu(model, tok: Tokenizer, rows, device, batch_size: int = 64) -> float:
     """Corpus BLEU (sacrebleu) of batched greedy translations."""
     import sacrebleu
 
-    sources = [tok.encode(r["source"]) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(sources[i]))
-    hypotheses = [""] * len(rows)
-    for start in range(0, len(order), batch_size):
+    outputs = translate(model, [tok.encode(r["source"]) for r in rows], device, batch_size)
+    return sacrebleu.corpus_bleu([tok.decode(ids) for ids in outputs], [[r["reference"] for r in rows]]).score
+
+
+@torch.no_grad()
+def translate(model, sources: list[list[int]], device, batch_size: int = 64, max_new_tokens: int = 256,
+              show_progress: bool = False) -> list[list[int]]:
+    """Greedy outputs for source ids, in their order; batches group sources of similar length (little padding)."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs = [None] * len(sources)
+    starts = range(0, len(order), batch_size)
+    for start in progress(starts, len(starts), "translating", show_progress):
         chunk = order[start:start + batch_size]
         input_ids = pad([sources[i] for i in chunk], PAD_ID, device)
-        outputs = minibild.greedy(model, input_ids, 256, (input_ids != PAD_ID).long())
-        for i, ids in zip(chunk, outputs):
-            hypotheses[i] = tok.decode(ids)
-    return sacrebleu.corpus_bleu(hypotheses, [[r["reference"] for r in rows]]).score
+        for i, ids in zip(chunk, minibild.greedy(model, input_ids, max_new_tokens, (input_ids != PAD_ID).long())):
+            outputs[i] = ids
+    return outputs
 
 
 @torch.no_grad()
@@ -323,6 +343,9 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--exit-layer", type=int, default=0,
+                   help="also train the first K decoder layers as an early-exit small model (0: no)")
+    p.add_argument("--exit-weight", type=float, default=1.0, help="weight of the early-exit loss")
     p.add_argument("--ema", type=float, default=0.999, help="decay of the exported weight average (0: last weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

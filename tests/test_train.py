@@ -93,3 +93,10 @@ def test_growth_preserves_the_function():
     with torch.no_grad():
         torch.testing.assert_close(big(src, dec), small(src, dec), rtol=0, atol=1e-6)
         assert any(p.abs().sum() > 0 for n, p in big.named_parameters() if "layers.2." in n)  # trainable, not empty
+
+
+def test_early_exit_training_option(corpus, tmp_path):
+    main(train_args(corpus, tmp_path / "run", "--epochs", "1", "--max-steps", "2", "--exit-layer", "1"))
+    assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
+    with pytest.raises(SystemExit, match=r"--exit-layer must be in \[1, 1\]"):
+        main(train_args(corpus, tmp_path / "bad", "--epochs", "1", "--exit-layer", "2"))
