@@ -24,7 +24,8 @@ starts from (OUT/init). Every other option goes to train.py as it is. The same r
 `agreement` BiLD-decodes a split with each small model in turn (interleaved, as scripts/evaluate.py does) and
 reports the share of the small model's proposals that the large model accepts, accepted / (accepted + rolled
 back) small tokens, with the fallback rate (fallbacks / small-model calls) and the share of output tokens the
-small model wrote. Several --small models make "before vs after alignment" one command.
+small model wrote. Several --small models make "before vs after alignment" one command; --exit-layer K adds
+the early-exit small model (the large model's first K decoder layers) beside them.
 """
 import argparse
 import dataclasses
@@ -138,7 +139,7 @@ COLUMNS = [("acceptance", "accepted", ".1%"), ("fallback_rate", "fallback rate",
 
 
 def agreement(args):
-    smalls = args.small or [str(WEIGHTS / "small")]
+    smalls = args.small or ([] if args.exit_layer else [str(WEIGHTS / "small")])
     if len(set(smalls)) < len(smalls):
         raise UsageError("the same --small model is given twice")
     mode = Mode("bild", args.fallback_threshold, args.rollback_threshold, args.max_small_steps, args.max_new_tokens)
@@ -149,6 +150,8 @@ def agreement(args):
     dtype = DTYPES[args.dtype]
     large, tok = minibild.load(args.large, device=device, dtype=dtype), tokenizer_beside(args.large)
     models = {path: minibild.load(path, device=device, dtype=dtype) for path in smalls}
+    if args.exit_layer:  # the large model's first K decoder layers, beside the --small models
+        models[f"early exit (layer {args.exit_layer})"] = minibild.EarlyExit(large, args.exit_layer)
     for path in smalls:
         spiece = tokenizer_path(path)
         if spiece is not None and spiece.read_bytes() != tok.path.read_bytes():

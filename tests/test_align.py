@@ -127,16 +127,17 @@ def test_agreement_adds_up_bilds_own_counts(pair, tmp_path, capsys):
     # The large model as its own small model: every proposal it keeps is accepted.
     smalls = [str(pair / "small"), str(pair / "large")]
     status, _ = run(["agreement", "--large", str(pair / "large"), "--small", smalls[0], "--small", smalls[1],
+                     "--exit-layer", "1",
                      "--split", str(pair / "train.jsonl"), "--limit", "10", "--fallback-threshold", "0.5",
                      "--rollback-threshold", "2", "--max-small-steps", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
                      "--no-progress", "--json", str(report_path)], capsys)
     assert status == 0
     report = json.loads(report_path.read_text())
-    assert list(report["small_models"]) == smalls and report["meta"]["sentences"] == 10
+    assert list(report["small_models"]) == smalls + ["early exit (layer 1)"] and report["meta"]["sentences"] == 10
     tok, large = minibild.Tokenizer(pair / "spiece.model"), minibild.load(pair / "large")
     rows = read_jsonl(pair / "train.jsonl")[:10]
-    for path, entry in report["small_models"].items():
-        small = minibild.load(path)
+    for small, entry in zip([*map(minibild.load, smalls), minibild.EarlyExit(large, 1)],
+                            report["small_models"].values()):
         results = [bild.generate(large, small, torch.tensor([tok.encode(row["source"])]), fallback_threshold=0.5,
                                  rollback_threshold=2, max_small_steps=3, max_new_tokens=MAX_NEW_TOKENS)
                    for row in rows]
@@ -162,7 +163,7 @@ def test_agreement_prints_one_row_per_small_model(pair, capsys):
 @pytest.mark.parametrize("problem, message", [
     ("split", "no such split"), ("small", "no minibild checkpoint"), ("twice", "given twice"),
     ("vocab", "must share vocab_size"), ("tokenizer", "must share one tokenizer"),
-    ("threshold", "fallback_threshold must be >= 0")])
+    ("threshold", "fallback_threshold must be >= 0"), ("exit-layer", "exit_layer must be in [1, 2]")])
 def test_agreement_refuses(pair, tmp_path, capsys, problem, message):
     small = pair / "small"
     if problem == "vocab":
@@ -177,6 +178,8 @@ def test_agreement_refuses(pair, tmp_path, capsys, problem, message):
             "--fallback-threshold", "-1" if problem == "threshold" else "0.6", "--no-progress"]
     if problem == "twice":
         argv += ["--small", str(small)]
+    if problem == "exit-layer":
+        argv += ["--exit-layer", "3"]
     status, err = run(argv, capsys)
     assert status == 2 and message in err and err.count("\n") == 1
 
