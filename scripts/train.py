@@ -174,7 +174,7 @@ def train_model(args):
     # What decides the trained weights; the rest (when to stop, where, logging) may change between sittings.
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("func", "time_budget", "device", "epochs", "max_steps", "log_every",
-                             "checkpoint_minutes", "export_dtype", "bleu")}
+                             "checkpoint_minutes", "export_dtype", "bleu", "bleu_limit")}
     checkpoint_path = out / "checkpoint.pt"
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0, "settings": settings}
 
@@ -259,7 +259,8 @@ def train_model(args):
     print(f"stopped at epoch {state['epoch']} step {state['step']} after {state['seconds'] / 60:.1f} min; "
           f"wrote {out / 'hf'}", file=sys.stderr)
     if args.bleu:
-        print(f"dev greedy BLEU {dev_bleu(average, tok, read_jsonl(Path(args.data) / 'dev.jsonl'), device):.2f}",
+        rows = read_jsonl(Path(args.data) / "dev.jsonl")[:args.bleu_limit or None]
+        print(f"dev greedy BLEU {dev_bleu(average, tok, rows, device):.2f}",
               file=sys.stderr)
 
 
@@ -336,6 +337,7 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=0, help="also stop after this many minutes (0: none)")
     p.add_argument("--max-steps", type=int, default=0, help="also stop after this many steps in all (0: none)")
     p.add_argument("--bleu", action="store_true", help="at the end, report greedy BLEU on the dev split")
+    p.add_argument("--bleu-limit", type=int, default=0, help="with --bleu, only the first N dev pairs (0: all)")
     p.add_argument("--max-tokens", type=int, default=12000, help="padded source+target tokens per batch")
     p.add_argument("--max-length", type=int, default=192, help="drop (and count) longer training pairs")
     p.add_argument("--lr", type=float, default=1e-3)
