@@ -14,7 +14,8 @@
 # weights/large; both logs say why. `align` generates the calibration set with weights/large and fine-tunes
 # the small model on it for MINUTES (default 2) into weights/aligned-small.
 # Every training run resumes from RUNS/<name>/checkpoint.pt, so a CPU run can be continued by running
-# the same command again. BLEU_LIMIT=N scores only the first N dev pairs (for smoke tests).
+# the same command again. For smoke tests: BLEU_LIMIT=N scores only the first N dev pairs, and
+# CALIBRATION_LIMIT=N aligns on the first N training sources only.
 set -euo pipefail
 stage=${1:?usage: scripts/train_demo_pair.sh pair|align [MINUTES] [RUNS]}
 runs=${3:-runs}
@@ -51,7 +52,8 @@ if [ "$stage" = pair ]; then
   python scripts/convert_hf_t5.py "$runs/small/hf" weights/small --dtype float16
 elif [ "$stage" = align ]; then
   minutes=${2:-2}
-  python scripts/align.py generate --large weights/large --data data --out "$runs/align/data"
+  python scripts/align.py generate --large weights/large --data data --out "$runs/align/data" \
+    --limit "${CALIBRATION_LIMIT:-0}" --no-progress
   python scripts/align.py finetune --small weights/small --data "$runs/align/data" --out "$runs/aligned-small" \
     --time-budget "$minutes" --epochs 1000 --lr 3e-4 --warmup 200 --bf16 --export-dtype float16 "${bleu[@]}" \
     > "$runs/aligned-small.log" 2>&1
