@@ -13,26 +13,12 @@ import minibild
 from align import main as align_main
 from minibild import bild
 from minibild.weights import from_hf, save_hf
+from tiny_models import sharp_random_t5
 from train import PRESETS
 from train import main as train_main
 
 WORDS = "el la de que y en un una es por con para los las dios señor tierra cielo pueblo casa".split()
 MAX_NEW_TOKENS = 8
-
-
-def random_t5(config: minibild.T5Config, seed: int) -> minibild.T5:
-    """A random T5 with sharp output distributions, so that BiLD falls back, rolls back and accepts."""
-    torch.manual_seed(seed)
-    model = minibild.T5(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "decoder.final_norm.weight":
-                p.normal_(3.0, 0.3)
-            elif name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 1.0 if name == "embed.weight" else 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +34,9 @@ def pair(tmp_path_factory):
                 f.write(json.dumps({"source": words[0], "reference": words[1], "book": "Gen", "verse": verse}) + "\n")
     train_main(["tokenizer", "--data", str(root), "--out", str(root / "spiece.model"), "--vocab-size", "40"])
     vocab_size = minibild.Tokenizer(root / "spiece.model").vocab_size
-    large = random_t5(minibild.T5Config(vocab_size=vocab_size, **{**PRESETS["tiny"], "num_layers": 2,
+    large = sharp_random_t5(minibild.T5Config(vocab_size=vocab_size, **{**PRESETS["tiny"], "num_layers": 2,
                                                                    "num_decoder_layers": 3}), seed=2)
-    small = random_t5(minibild.T5Config(vocab_size=vocab_size, **PRESETS["tiny"]), seed=1)
+    small = sharp_random_t5(minibild.T5Config(vocab_size=vocab_size, **PRESETS["tiny"]), seed=1)
     minibild.save(large, root / "large", tokenizer=root / "spiece.model")
     minibild.save(small, root / "small", tokenizer=root / "spiece.model")
     save_hf(small, root / "small-hf", tokenizer=root / "spiece.model")
@@ -168,7 +154,7 @@ def test_agreement_refuses(pair, tmp_path, capsys, problem, message):
     small = pair / "small"
     if problem == "vocab":
         config = minibild.T5Config(vocab_size=minibild.load(small).config.vocab_size + 5, **PRESETS["tiny"])
-        small = minibild.save(random_t5(config, seed=3), tmp_path / "other-vocab")
+        small = minibild.save(sharp_random_t5(config, seed=3), tmp_path / "other-vocab")
     if problem == "tokenizer":
         small = minibild.save(minibild.load(small), tmp_path / "other-tokenizer")
         (small / "spiece.model").write_bytes(b"another sentencepiece model")

@@ -11,6 +11,7 @@ from minibild.weights import save_hf
 from sweep import fastest_within, lcs_length, pareto_front, rouge_l
 from sweep import main as sweep_main
 from time_latency import main as time_main
+from tiny_models import sharp_random_t5
 from train import PRESETS
 from train import main as train_main
 
@@ -19,21 +20,9 @@ SENTENCES = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(3 + i %
 
 
 def random_t5(vocab_size: int, layers: int, seed: int) -> minibild.T5:
-    """A tiny random T5 whose greedy output depends on its input and whose top probabilities spread over
-    (0, 1), so that BiLD falls back, rolls back and accepts small tokens."""
     config = minibild.T5Config(vocab_size=vocab_size,
                                **{**PRESETS["tiny"], "num_layers": layers, "num_decoder_layers": layers})
-    torch.manual_seed(seed)
-    model = minibild.T5(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "decoder.final_norm.weight":
-                p.normal_(3.0, 0.3)  # sharper output distributions
-            elif name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 1.0 if name == "embed.weight" else 0.3)
-    return model.eval()
+    return sharp_random_t5(config, seed)
 
 
 @pytest.fixture(scope="module")
