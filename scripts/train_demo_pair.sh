@@ -4,7 +4,7 @@
 #   scripts/train_demo_pair.sh pair [MINUTES] [RUNS]    the small and the large model
 #   scripts/train_demo_pair.sh align [MINUTES] [RUNS]   then an aligned small model (prediction alignment)
 #
-# `pair`, in MINUTES (default 9), all on one device at once:
+# `pair`, in MINUTES (default 8), all on one device at once:
 #   - small: from scratch, for the first half;
 #   - large-scratch: a large model from scratch, for the whole time;
 #   - large-grown: once the small model is done, a large model grown from it (scripts/train.py --init-from:
@@ -34,7 +34,7 @@ dev_bleu() {  # NAME: the dev BLEU its training log ends with
 }
 
 if [ "$stage" = pair ]; then
-  minutes=${2:-9}
+  minutes=${2:-8}
   half=$(python -c "print($minutes / 2)")
   [ -f data/train.jsonl ] || python scripts/prepare_data.py
   [ -f "$runs/spiece.model" ] || python scripts/train.py tokenizer --out "$runs/spiece.model"
