@@ -319,13 +319,18 @@ class T5(nn.Module):
         exit_layer k also keeps the output of the first k decoder layers (for EarlyExit)."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if exit_layer is not None and not 1 <= exit_layer < self.config.num_decoder_layers:
-            raise ValueError(f"exit_layer must be in [1, {self.config.num_decoder_layers - 1}] for a model of "
-                             f"{self.config.num_decoder_layers} decoder layers, got {exit_layer}")
+        if exit_layer is not None:
+            self.check_exit_layer(exit_layer)
         cross = [layer.cross_attn.keys_values(encoder_output) for layer in self.decoder.layers]
         cross_bias = self._padding_bias(attention_mask, *encoder_output.shape[:2])
         return KVCache([k for k, _ in cross], [v for _, v in cross], cross_bias, max_length, self.config.d_model,
                        exit_layer)
+
+    def check_exit_layer(self, exit_layer: int):
+        """An early exit needs at least one decoder layer below it and one above."""
+        n = self.config.num_decoder_layers
+        if not 1 <= exit_layer < n:
+            raise ValueError(f"exit_layer must be in [1, {n - 1}] for a model of {n} decoder layers, got {exit_layer}")
 
     def decode(self, decoder_input_ids, cache: KVCache):
         """Feed T >= 1 new decoder tokens (B, T) after the cache's positions -> logits (B, T, V)."""
@@ -365,9 +370,7 @@ class EarlyExit:
     crops the one cache for both models (see KVCache)."""
 
     def __init__(self, large: T5, exit_layer: int):
-        if not 1 <= exit_layer < large.config.num_decoder_layers:
-            raise ValueError(f"exit_layer must be in [1, {large.config.num_decoder_layers - 1}] for a large model "
-                             f"of {large.config.num_decoder_layers} decoder layers, got {exit_layer}")
+        large.check_exit_layer(exit_layer)
         self.large, self.exit_layer = large, exit_layer
         self.config, self.embed = large.config, large.embed  # what makes it a valid BiLD partner
 
