@@ -10,8 +10,11 @@ greedy outputs for the training sources, so that it proposes the tokens the larg
 `generate` writes the calibration set: OUT/train.jsonl pairs every source of DATA/train.jsonl with the large
 model's greedy output (batched greedy decoding, deterministic) as its reference, and OUT/dev.jsonl is
 DATA/dev.jsonl unchanged, so that the dev loss printed while fine-tuning is against real references. The test
-split and the reserved book (Mark) never reach the calibration set. Outputs cut at --max-new-tokens are kept,
-and counted.
+split and the reserved book (Mark) never reach the calibration set. An output may be at most --max-ratio times
+its source's length plus 16 tokens (a real reference of the training split is at most 2x + 2) and at most
+--max-new-tokens: one that is cut there, without EOS, is a runaway repetition loop ("two of every kind of every
+kind of ..."). Runaways are left out of the calibration set, because training on a cut output teaches the small
+model not to stop; they are counted and the first few printed. Each batch stops at its longest source's cap.
 
 `finetune` is scripts/train.py's `model` command started from the small model on the calibration set. It picks
 the preset whose shape is the small model's, so that --init-from is a plain copy of its weights, takes the
@@ -60,6 +63,8 @@ def generate(args):
     data, out = Path(args.data), Path(args.out)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.max_ratio > 0:
+        raise UsageError(f"--max-ratio must be > 0, got {args.max_ratio}")
     if out.resolve() == data.resolve():
         raise UsageError(f"--out {out} is the --data folder: the calibration set would overwrite the training data")
     if not (data / "dev.jsonl").exists():
@@ -74,16 +79,32 @@ def generate(args):
         torch.set_num_threads(args.threads)
     large = minibild.load(args.large, device=device, dtype=DTYPES[args.dtype])
     tok = tokenizer_beside(args.large)
-    outputs = train.translate(large, [tok.encode(row["source"]) for row in rows], device, args.batch_size,
-                              args.max_new_tokens, not args.no_progress)
+    sources = [tok.encode(row["source"]) for row in rows]
+    cap = partial(length_cap, args.max_ratio)
+    outputs = train.translate(large, sources, device, args.batch_size, args.max_new_tokens, not args.no_progress,
+                              length_cap=cap)
+    eos = large.config.eos_token_id
+    runaways = {i for i, (ids, source) in enumerate(zip(outputs, sources))
+                if eos not in ids or len(ids) - 1 > min(cap(len(source)), args.max_new_tokens)}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
-        for row, ids in zip(rows, outputs):
-            f.write(json.dumps({**row, "reference": tok.decode(ids)}, ensure_ascii=False) + "\n")
+        for i, (row, ids) in enumerate(zip(rows, outputs)):
+            if i not in runaways:
+                f.write(json.dumps({**row, "reference": tok.decode(ids)}, ensure_ascii=False) + "\n")
     shutil.copyfile(data / "dev.jsonl", out / "dev.jsonl")
-    capped = sum(large.config.eos_token_id not in ids for ids in outputs)
-    print(f"wrote {out / 'train.jsonl'} ({len(rows)} pairs; {capped} outputs reached --max-new-tokens "
-          f"{args.max_new_tokens} without EOS, kept) and {out / 'dev.jsonl'} (real references)", file=sys.stderr)
+    for i in sorted(runaways)[:3]:
+        print(f"runaway, left out: {rows[i]['source'][:60]!r} -> {tok.decode(outputs[i])[:80]!r}...", file=sys.stderr)
+    print(f"wrote {out / 'train.jsonl'} ({len(rows) - len(runaways)} pairs; {len(runaways)} runaway outputs, cut "
+          f"at {args.max_ratio:g} x source + {LENGTH_SLACK} or --max-new-tokens {args.max_new_tokens} tokens "
+          f"without EOS, left out) and {out / 'dev.jsonl'} (real references)", file=sys.stderr)
+
+
+LENGTH_SLACK = 16  # tokens allowed beyond max_ratio x source length, for very short sources
+
+
+def length_cap(max_ratio: float, source_length: int) -> int:
+    """The most tokens an output of a source this long may take before it counts as a runaway."""
+    return int(max_ratio * source_length) + LENGTH_SLACK
 
 
 # --- finetune: scripts/train.py from the small model ---------------------------------------------------------
@@ -181,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="use only the first N training sources (0: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-ratio", type=float, default=2.0,
+                   help=f"outputs longer than this x source length + {LENGTH_SLACK} tokens are runaways, left out")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -274,15 +274,18 @@ def dev_bleu(model, tok: Tokenizer, rows, device, batch_size: int = 64) -> float
 
 @torch.no_grad()
 def translate(model, sources: list[list[int]], device, batch_size: int = 64, max_new_tokens: int = 256,
-              show_progress: bool = False) -> list[list[int]]:
-    """Greedy outputs for source ids, in their order; batches group sources of similar length (little padding)."""
+              show_progress: bool = False, length_cap=None) -> list[list[int]]:
+    """Greedy outputs for source ids, in their order; batches group sources of similar length (little padding).
+    length_cap(n), if given, also bounds a batch's outputs by its longest source length n, so that one
+    runaway output (a repetition loop) does not keep the whole batch decoding up to max_new_tokens."""
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs = [None] * len(sources)
     starts = range(0, len(order), batch_size)
     for start in progress(starts, len(starts), "translating", show_progress):
         chunk = order[start:start + batch_size]
         input_ids = pad([sources[i] for i in chunk], PAD_ID, device)
-        for i, ids in zip(chunk, minibild.greedy(model, input_ids, max_new_tokens, (input_ids != PAD_ID).long())):
+        limit = max_new_tokens if length_cap is None else min(max_new_tokens, length_cap(input_ids.shape[1]))
+        for i, ids in zip(chunk, minibild.greedy(model, input_ids, limit, (input_ids != PAD_ID).long())):
             outputs[i] = ids
     return outputs
 

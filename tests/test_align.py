@@ -19,12 +19,15 @@ from train import main as train_main
 
 WORDS = "el la de que y en un una es por con para los las dios señor tierra cielo pueblo casa".split()
 MAX_NEW_TOKENS = 8
+FINETUNE = ["--max-tokens", "200", "--warmup", "5", "--dropout", "0", "--label-smoothing", "0", "--ema", "0",
+            "--log-every", "1000", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """Synthetic train/dev splits, a tokenizer trained on them, a random large model and a random small model
-    of train.py's "tiny" preset (in minibild's format and as a Hugging Face folder)."""
+    """Synthetic train/dev splits, a tokenizer trained on them, a large model of train.py's "tiny" preset
+    trained briefly on them (so that most of its outputs end with EOS, as a real model's do; a random model
+    loops) and a random small model of the same preset (in minibild's format and as a Hugging Face folder)."""
     root = tmp_path_factory.mktemp("align")
     rng = random.Random(0)
     for name, n in (("train", 40), ("dev", 6)):
@@ -34,10 +37,10 @@ def pair(tmp_path_factory):
                 f.write(json.dumps({"source": words[0], "reference": words[1], "book": "Gen", "verse": verse}) + "\n")
     train_main(["tokenizer", "--data", str(root), "--out", str(root / "spiece.model"), "--vocab-size", "40"])
     vocab_size = minibild.Tokenizer(root / "spiece.model").vocab_size
-    large = sharp_random_t5(minibild.T5Config(vocab_size=vocab_size, **{**PRESETS["tiny"], "num_layers": 2,
-                                                                   "num_decoder_layers": 3}), seed=2)
+    train_main(["model", "--preset", "tiny", "--data", str(root), "--tokenizer", str(root / "spiece.model"),
+                "--out", str(root / "large-run"), "--max-steps", "120", "--lr", "1e-2", "--seed", "3", *FINETUNE])
     small = sharp_random_t5(minibild.T5Config(vocab_size=vocab_size, **PRESETS["tiny"]), seed=1)
-    minibild.save(large, root / "large", tokenizer=root / "spiece.model")
+    minibild.save(from_hf(root / "large-run" / "hf"), root / "large", tokenizer=root / "spiece.model")
     minibild.save(small, root / "small", tokenizer=root / "spiece.model")
     save_hf(small, root / "small-hf", tokenizer=root / "spiece.model")
     return root
@@ -75,19 +78,23 @@ def test_generate_writes_the_large_models_unbatched_greedy_outputs(pair, calibra
     train, written = read_jsonl(pair / "train.jsonl"), read_jsonl(out / "train.jsonl")
     lengths = sorted(len(tok.encode(row["source"])) for row in train)
     assert any(len(set(lengths[i:i + 8])) > 1 for i in range(0, len(lengths), 8))  # batches were padded
-    assert [{**row, "reference": None} for row in written] == [{**row, "reference": None} for row in train]
     # One sentence at a time, no padding: batching must not change a single output.
     outputs = [minibild.greedy(large, torch.tensor([tok.encode(row["source"])]), MAX_NEW_TOKENS)[0] for row in train]
-    assert [row["reference"] for row in written] == [tok.decode(ids) for ids in outputs]
+    assert [{**row, "reference": None} for row in written] == \
+        [{**row, "reference": None} for row, ids in zip(train, outputs) if 1 in ids]
     assert (out / "dev.jsonl").read_bytes() == (pair / "dev.jsonl").read_bytes()  # real references, unchanged
-    capped = sum(1 not in ids for ids in outputs)
-    assert 0 < capped < len(train) and f"{capped} outputs reached --max-new-tokens {MAX_NEW_TOKENS}" in report
+    # Outputs cut at --max-new-tokens without EOS are runaways: left out, counted.
+    kept = [1 in ids for ids in outputs]
+    assert [row["reference"] for row in written] == [tok.decode(ids) for ids, keep in zip(outputs, kept) if keep]
+    assert 0 < sum(kept) < len(train) and f"{len(train) - sum(kept)} runaway outputs" in report
+    assert report.count("runaway, left out: ") == min(3, len(train) - sum(kept))
 
 
 @pytest.mark.parametrize("problem, message", [
     ("no-large", "no minibild checkpoint"), ("no-train", "train.jsonl: no such split"),
     ("no-dev", "dev.jsonl: no such split"), ("out-is-data", "would overwrite the training data"),
-    ("mark", "holds verses of Mark"), ("batch-size", "--batch-size must be >= 1")])
+    ("mark", "holds verses of Mark"), ("batch-size", "--batch-size must be >= 1"),
+    ("max-ratio", "--max-ratio must be > 0")])
 def test_generate_refuses(pair, tmp_path, capsys, problem, message):
     data = tmp_path / "data"
     data.mkdir()
@@ -100,7 +107,8 @@ def test_generate_refuses(pair, tmp_path, capsys, problem, message):
         (data / "dev.jsonl").write_text((pair / "dev.jsonl").read_text())
     argv = ["generate", "--large", str(tmp_path / "nothing" if problem == "no-large" else pair / "large"),
             "--data", str(data), "--out", str(data if problem == "out-is-data" else tmp_path / "out"),
-            "--batch-size", "0" if problem == "batch-size" else "8", "--no-progress"]
+            "--batch-size", "0" if problem == "batch-size" else "8", "--max-ratio", "0" if problem == "max-ratio" else "2",
+            "--no-progress"]
     status, err = run(argv, capsys)
     assert status == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
@@ -115,7 +123,7 @@ def test_agreement_adds_up_bilds_own_counts(pair, tmp_path, capsys):
     status, _ = run(["agreement", "--large", str(pair / "large"), "--small", smalls[0], "--small", smalls[1],
                      "--exit-layer", "1",
                      "--split", str(pair / "train.jsonl"), "--limit", "10", "--fallback-threshold", "0.5",
-                     "--rollback-threshold", "2", "--max-small-steps", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                     "--rollback-threshold", "4", "--max-small-steps", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
                      "--no-progress", "--json", str(report_path)], capsys)
     assert status == 0
     report = json.loads(report_path.read_text())
@@ -125,7 +133,7 @@ def test_agreement_adds_up_bilds_own_counts(pair, tmp_path, capsys):
     for small, entry in zip([*map(minibild.load, smalls), minibild.EarlyExit(large, 1)],
                             report["small_models"].values()):
         results = [bild.generate(large, small, torch.tensor([tok.encode(row["source"])]), fallback_threshold=0.5,
-                                 rollback_threshold=2, max_small_steps=3, max_new_tokens=MAX_NEW_TOKENS)
+                                 rollback_threshold=4, max_small_steps=3, max_new_tokens=MAX_NEW_TOKENS)
                    for row in rows]
         total = {name: sum(getattr(r.stats, name) for r in results)
                  for name in ("accepted_small_tokens", "rolled_back_tokens", "fallbacks", "small_calls")}
@@ -149,7 +157,7 @@ def test_agreement_prints_one_row_per_small_model(pair, capsys):
 @pytest.mark.parametrize("problem, message", [
     ("split", "no such split"), ("small", "no minibild checkpoint"), ("twice", "given twice"),
     ("vocab", "must share vocab_size"), ("tokenizer", "must share one tokenizer"),
-    ("threshold", "fallback_threshold must be >= 0"), ("exit-layer", "exit_layer must be in [1, 2]")])
+    ("threshold", "fallback_threshold must be >= 0"), ("exit-layer", "exit_layer must be in [1, 1]")])
 def test_agreement_refuses(pair, tmp_path, capsys, problem, message):
     small = pair / "small"
     if problem == "vocab":
@@ -165,15 +173,12 @@ def test_agreement_refuses(pair, tmp_path, capsys, problem, message):
     if problem == "twice":
         argv += ["--small", str(small)]
     if problem == "exit-layer":
-        argv += ["--exit-layer", "3"]
+        argv += ["--exit-layer", "2"]
     status, err = run(argv, capsys)
     assert status == 2 and message in err and err.count("\n") == 1
 
 
 # --- finetune ------------------------------------------------------------------------------------------------
-
-FINETUNE = ["--max-tokens", "200", "--warmup", "5", "--dropout", "0", "--label-smoothing", "0", "--ema", "0",
-            "--log-every", "1000", "--device", "cpu"]
 
 
 def test_finetune_on_the_calibration_set_aligns_the_small_model(pair, calibration, tmp_path, capsys):
@@ -209,7 +214,12 @@ def test_finetune_starts_a_minibild_checkpoint_as_its_hugging_face_folder(pair, 
 @pytest.mark.parametrize("problem, message", [("no-preset", "no preset of scripts/train.py"),
                                               ("preset-given", "--preset: finetune sets this itself")])
 def test_finetune_refuses(pair, tmp_path, capsys, problem, message):
-    small = pair / ("large" if problem == "no-preset" else "small")
+    small = pair / "small"
+    if problem == "no-preset":
+        small = tmp_path / "odd-shape"
+        config = minibild.T5Config(vocab_size=minibild.Tokenizer(pair / "spiece.model").vocab_size,
+                                   **{**PRESETS["tiny"], "num_decoder_layers": 3})
+        minibild.save(sharp_random_t5(config, seed=2), small, tokenizer=pair / "spiece.model")
     extra = ["--preset", "tiny"] if problem == "preset-given" else []
     status, err = run(["finetune", "--small", str(small), "--data", str(pair), "--out", str(tmp_path / "out"), *extra],
                       capsys)
