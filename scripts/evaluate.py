@@ -59,11 +59,17 @@ def read_split(path: Path, limit: int) -> list[dict]:
     return rows
 
 
+def load_small(large, small_path, device, dtype, exit_layer: int = 0):
+    """The small model: the checkpoint at small_path or, for exit_layer k, the large model's first k decoder layers
+    (EarlyExit), which shares the large model's weights and caches."""
+    return EarlyExit(large, exit_layer) if exit_layer else load(small_path, device=device, dtype=dtype)
+
+
 def load_pair(large_path, small_path, device, dtype, exit_layer: int = 0) -> tuple:
-    """The large and small models and the tokenizer stored beside the large one (None if there is none).
-    exit_layer k: the small model is the large one's first k decoder layers (EarlyExit), not small_path."""
+    """The large and small models (see load_small; None without small_path and exit_layer) and the tokenizer
+    stored beside the large one (None if there is none)."""
     large = load(large_path, device=device, dtype=dtype)
-    small = EarlyExit(large, exit_layer) if exit_layer else load(small_path, device=device, dtype=dtype)
+    small = load_small(large, small_path, device, dtype, exit_layer) if small_path or exit_layer else None
     spiece = tokenizer_path(large_path)
     return large, small, Tokenizer(spiece) if spiece else None
 
@@ -131,14 +137,13 @@ def summarize(run: dict, baseline: dict | None) -> dict:
     return entry
 
 
-def evaluate(systems: list[Mode], large, small, tok: Tokenizer, rows, device, show_progress=True,
-             metrics=None) -> dict:
-    """Decode every row with every system (interleaved); return per-system metrics, large greedy first.
+def evaluate(systems: dict, tok: Tokenizer, rows, device, show_progress=True, metrics=None) -> dict:
+    """Decode every row with every system, {label: decode(input_ids) -> (tokens, BiLDResult or None)}, interleaved;
+    return per-system metrics, with speedups over the system labelled "large" (large greedy).
     `metrics`: {name: score(hypotheses, references)}, default BLEU and chrF."""
     metrics = metrics or {"bleu": bleu, "chrf": chrf}
     sources = [torch.tensor([tok.encode(row["source"])], device=device) for row in rows]
-    runs = decode_interleaved({m.label: partial(m.decode, large, small) for m in systems}, sources, device,
-                              show_progress=show_progress)
+    runs = decode_interleaved(systems, sources, device, show_progress=show_progress)
     references = [r["reference"] for r in rows]
     report = {}
     for label, run in runs.items():
@@ -200,13 +205,15 @@ def main(argv=None) -> int:
     return report_errors("evaluate", run, p.parse_args(argv))
 
 
-def setup(args):
-    """The device, the sources and the pair (with its tokenizer) that the common options name."""
+def setup(args, with_small: bool = True):
+    """The device, the sources and the pair (with its tokenizer) that the common options name; without
+    with_small, the small model is None (the caller loads its own)."""
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = read_split(Path(args.split), args.limit)
-    large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype], args.exit_layer)
+    large, small, tok = load_pair(args.large, args.small if with_small else None, device, DTYPES[args.dtype],
+                                  args.exit_layer if with_small else 0)
     if tok is None:
         raise UsageError(f"{args.large}: no spiece.model beside the weights")
     return device, rows, large, small, tok
@@ -217,7 +224,8 @@ def run(args):
     if "large" not in [m.label for m in systems]:
         systems.insert(0, Mode("large", max_new_tokens=args.max_new_tokens))  # the baseline of every speedup
     device, rows, large, small, tok = setup(args)
-    report = evaluate(systems, large, small, tok, rows, device, not args.no_progress)
+    report = evaluate({m.label: partial(m.decode, large, small) for m in systems}, tok, rows, device,
+                      not args.no_progress)
     meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": args.small,
             "device": device_name(device), "threads": torch.get_num_threads(), "dtype": args.dtype,
             "torch": torch.__version__}

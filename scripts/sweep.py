@@ -9,18 +9,27 @@ summaries) sits against its speedup over large greedy measured in the same run. 
 matplotlib is installed, OUT.png (quality against speedup, like the paper's figures); prints the table, the
 Pareto front (no point is both better and faster) and the fastest point within 1 point of large greedy's
 quality. Tune on a dev split: thresholds picked on the test split make its figures optimistic.
+
+--variant NAME=SMALL (repeatable) puts several small models side by side in the same run, against one large
+greedy: SMALL is a minibild checkpoint folder, or exit:K for the early-exit small model (the large model's first
+K decoder layers). Each variant runs small greedy, speculative decoding and the whole grid; labels start with
+"NAME: ". The paper's vanilla, aligned and early-exit BiLD on the test split:
+
+    python scripts/sweep.py --split data/test.jsonl --threads 1 --fallback 0.3 0.5 --rollback 3 \
+        --variant vanilla=weights/small --variant aligned=weights/aligned-small --variant early-exit=exit:2
 """
 import json
 import math
 import statistics
 import sys
+from functools import partial
 from itertools import product
 from pathlib import Path
 
 import torch
 
 from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, format_table,
-                      parse_system, report_errors, setup)
+                      load_small, parse_system, report_errors, setup)
 from minibild.modes import Mode
 
 DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
@@ -51,9 +60,15 @@ METRICS = {"bleu": bleu, "rougeL": rouge_l}
 TITLES = {"bleu": "BLEU", "rougeL": "ROUGE-L"}
 
 
-def point(mode: Mode, entry: dict, metric: str) -> dict:
-    """One system of the sweep as a point: its label, settings, quality and speedup."""
-    p = {"label": mode.label, "system": mode.name, "quality": entry[metric], "speedup": entry["speedup"]}
+def labelled(variant: str, mode: Mode) -> str:
+    """A system's label: the mode's, after its variant's name when the sweep compares several."""
+    return f"{variant}: {mode.label}" if variant and mode.name != "large" else mode.label
+
+
+def point(variant: str, mode: Mode, entry: dict, metric: str) -> dict:
+    """One system of the sweep as a point: its label, variant, settings, quality and speedup."""
+    p = {"label": labelled(variant, mode), "variant": variant, "system": mode.name, "quality": entry[metric],
+         "speedup": entry["speedup"]}
     if mode.name == "bild":
         p.update(fallback_threshold=mode.fallback_threshold, rollback_threshold=mode.rollback_threshold)
     if mode.name in ("bild", "speculative"):
@@ -81,19 +96,21 @@ def plot(points: list[dict], front: list[dict], best: dict | None, metric: str, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    grid = [p for p in points if p["system"] == "bild"]
-    if grid:
-        dots = ax.scatter([p["speedup"] for p in grid], [p["quality"] for p in grid],
-                          c=[p["fallback_threshold"] for p in grid], cmap="viridis", s=30, zorder=3)
-        fig.colorbar(dots, ax=ax, label="fallback threshold (numbers: rollback threshold)")
+    variants = list(dict.fromkeys(p["variant"] for p in points if p["system"] != "large"))
+    for variant, color in zip(variants, plt.get_cmap("tab10").colors):
+        name = f"{variant}: " if variant else ""
+        grid = [p for p in points if p["variant"] == variant and p["system"] == "bild"]
+        ax.scatter([p["speedup"] for p in grid], [p["quality"] for p in grid], color=color, s=30, zorder=3,
+                   label=f"{name}BiLD (numbers: fallback, rollback threshold)")
         for p in grid:
-            ax.annotate(f"{p['rollback_threshold']:g}", (p["speedup"], p["quality"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.plot([p["speedup"] for p in front], [p["quality"] for p in front], "k--", lw=1, label="Pareto front")
-    for system, marker, color in (("large", "*", "red"), ("small", "s", "gray"), ("speculative", "^", "blue")):
-        for p in (p for p in points if p["system"] == system):
-            ax.scatter(p["speedup"], p["quality"], marker=marker, color=color, s=90, zorder=4, label=p["label"])
+            ax.annotate(f"{p['fallback_threshold']:g},{p['rollback_threshold']:g}", (p["speedup"], p["quality"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for system, marker in (("small", "s"), ("speculative", "^")):
+            for p in (p for p in points if p["variant"] == variant and p["system"] == system):
+                ax.scatter(p["speedup"], p["quality"], marker=marker, color=color, s=80, zorder=4, label=p["label"])
     large = next(p for p in points if p["system"] == "large")
+    ax.scatter(large["speedup"], large["quality"], marker="*", color="red", s=150, zorder=4, label="large")
+    ax.plot([p["speedup"] for p in front], [p["quality"] for p in front], "k--", lw=1, label="Pareto front")
     ax.axhline(large["quality"] - 1, color="red", ls=":", lw=1, label="large greedy - 1")
     if best:
         ax.scatter(best["speedup"], best["quality"], s=250, facecolors="none", edgecolors="red", zorder=5,
@@ -102,10 +119,26 @@ def plot(points: list[dict], front: list[dict], best: dict | None, metric: str, 
     ax.set_ylabel(TITLES[metric])
     ax.set_title(title, fontsize=8, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def parse_variant(spec: str) -> tuple[str, str | None, int]:
+    """'NAME=PATH' -> (NAME, PATH, 0); 'NAME=exit:K' -> (NAME, None, K)."""
+    name, _, small = spec.partition("=")
+    if not name or not small or ":" in name:
+        raise UsageError(f"bad --variant {spec!r}; use NAME=SMALL_FOLDER or NAME=exit:K")
+    if small.startswith("exit:"):
+        try:
+            k = int(small.removeprefix("exit:"))
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UsageError(f"bad --variant {spec!r}: exit:K needs a whole number K >= 1 of decoder layers")
+        return name, None, k
+    return name, small, 0
 
 
 def parse_args(argv):
@@ -117,6 +150,8 @@ def parse_args(argv):
     p.add_argument("--metric", choices=sorted(METRICS), default="bleu", help="rougeL when references are summaries")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", default="runs/sweep", help="writes OUT.json and OUT.png")
+    p.add_argument("--variant", action="append", metavar="NAME=SMALL",
+                   help="a small model to compare side by side (a folder, or exit:K); repeat; replaces --small")
     return p.parse_args(argv)
 
 
@@ -132,38 +167,55 @@ def run(args):
         raise UsageError(f"--n and --k must be >= 1, got --n {args.n} --k {args.k}")
     grid = [Mode("bild", fb, rb, n, args.max_new_tokens)
             for n, rb, fb in product(args.n, args.rollback, args.fallback)]
-    baselines = [parse_system(s, args.max_new_tokens) for s in ("large", "small", f"speculative:{args.k}")]
-    device, rows, large, small, tok = setup(args)
+    modes = [parse_system(s, args.max_new_tokens) for s in ("small", f"speculative:{args.k}")]
+    modes += list({m.label: m for m in grid}.values())  # a repeated grid value runs once
+    variants = [parse_variant(v) for v in args.variant or []]
+    if len({name for name, _, _ in variants}) < len(variants):
+        raise UsageError(f"--variant names must differ, got {args.variant}")
+    if variants and args.exit_layer:
+        raise UsageError("--exit-layer and --variant: give the early-exit model as a variant, NAME=exit:K")
+    device, rows, large, small, tok = setup(args, with_small=not variants)
+    smalls = {name: load_small(large, path, device, DTYPES[args.dtype], k) for name, path, k in variants} or \
+        {"": small}  # no --variant: the one small model of --small or --exit-layer, labels unprefixed
 
-    systems = baselines + list({m.label: m for m in grid}.values())  # a repeated grid value runs once
-    report = evaluate(systems, large, small, tok, rows, device, not args.no_progress,
-                      metrics={args.metric: METRICS[args.metric]})
-    points = [point(m, report[m.label], args.metric) for m in systems]
+    large_greedy = Mode("large", max_new_tokens=args.max_new_tokens)
+    systems = [("", large_greedy)] + [(name, m) for name in smalls for m in modes]
+    decoders = {labelled(name, m): partial(m.decode, large, smalls.get(name)) for name, m in systems}
+    report = evaluate(decoders, tok, rows, device, not args.no_progress, metrics={args.metric: METRICS[args.metric]})
+    points = [point(name, m, report[labelled(name, m)], args.metric) for name, m in systems]
     front = pareto_front(points)
-    best = fastest_within(points, report["large"][args.metric])
-    title = (f"{len(rows)} sentences of {Path(args.split).name}, {Path(args.large).name} / {Path(args.small).name}, "
+    quality = report["large"][args.metric]
+    best = fastest_within(points, quality)
+    best_by_variant = {name: fastest_within([p for p in points if p["variant"] == name], quality)
+                       for name in smalls if name}
+    small_names = " / ".join(f"{name}={path or f'exit:{k}'}" for name, path, k in variants) or \
+        (f"exit:{args.exit_layer}" if args.exit_layer else args.small)
+    title = (f"{len(rows)} sentences of {Path(args.split).name}, {Path(args.large).name} / {small_names}, "
              f"{device_name(device)}, {args.dtype}, {torch.get_num_threads()} threads")
 
     columns = [(args.metric, TITLES[args.metric], ".2f"),
                ("speedup", "speedup", ".2f"), ("median_ms", "median ms", ".1f"), ("same_as_large", "= large", ".1%"),
                ("fallbacks_per_sentence", "fallbacks/sent", ".2f"), ("rollbacks_per_sentence", "rollbacks/sent", ".2f"),
                ("tokens_per_large_call", "tokens/large call", ".2f")]
-    print(f"{len(rows)} sentences of {args.split}, {args.large} / {args.small} on {device_name(device)} ({args.dtype}, "
+    print(f"{len(rows)} sentences of {args.split}, {args.large} / {small_names} on {device_name(device)} ({args.dtype}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}); speedup vs large greedy in this run")
     print(format_table(report, columns))
     print("Pareto front (quality, speedup):")
     for p in front:
         print(f"  {p['label']}: {p['quality']:.2f} @ {p['speedup']:.2f}x")
-    print("fastest within 1 point of large greedy: " +
-          (f"{best['label']}: {best['quality']:.2f} @ {best['speedup']:.2f}x" if best else "none"))
+    for name, p in [("", best)] + list(best_by_variant.items()):
+        print(f"fastest within 1 point of large greedy{f' ({name})' if name else ''}: " +
+              (f"{p['label']}: {p['quality']:.2f} @ {p['speedup']:.2f}x" if p else "none"))
 
     json_path, png_path = Path(f"{args.out}.json"), Path(f"{args.out}.png")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": args.small,
+    meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": small_names,
             "metric": args.metric, "device": device_name(device), "dtype": args.dtype,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     result = {"meta": meta, "points": points, "pareto_front": [p["label"] for p in front],
-              "fastest_within_1": best["label"] if best else None, "systems": report}
+              "fastest_within_1": best["label"] if best else None,
+              "fastest_within_1_by_variant": {name: p["label"] if p else None for name, p in best_by_variant.items()},
+              "systems": report}
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {json_path}")
     try:

@@ -138,6 +138,32 @@ def test_sweep_end_to_end(pair, tmp_path, capsys, metric):
         assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_variants_side_by_side(pair, tmp_path, capsys):
+    """Two names for the same small model must score alike; every exact system of every variant, the early-exit
+    one included, must reproduce large greedy; all against one large greedy run."""
+    out = tmp_path / "sweep"
+    assert sweep_main(["--split", str(pair / "dev.jsonl"), "--large", str(pair / "large"), "--fallback", "0.3",
+                       "--rollback", "0", "2", "--n", "4", "--k", "3", "--max-new-tokens", "10", "--no-progress",
+                       "--variant", f"a={pair / 'small'}", "--variant", f"b={pair / 'small'}",
+                       "--variant", "ee=exit:1", "--out", str(out)]) == 0
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    modes = ["small", "speculative(k=3)", "bild(fb=0.3,rb=0,N=4)", "bild(fb=0.3,rb=2,N=4)"]
+    labels = [p["label"] for p in result["points"]]
+    assert labels == ["large"] + [f"{v}: {m}" for v in ("a", "b", "ee") for m in modes]
+    assert [p["variant"] for p in result["points"]] == [""] + [v for v in ("a", "b", "ee") for _ in modes]
+    quality = {p["label"]: p["quality"] for p in result["points"]}
+    for mode in modes:
+        assert quality[f"a: {mode}"] == quality[f"b: {mode}"]
+    for variant in ("a", "b", "ee"):
+        for exact in ("speculative(k=3)", "bild(fb=0.3,rb=0,N=4)"):
+            assert result["systems"][f"{variant}: {exact}"]["same_as_large"] == 1
+            assert quality[f"{variant}: {exact}"] == quality["large"] == pytest.approx(100)
+    assert set(result["fastest_within_1_by_variant"]) == {"a", "b", "ee"}
+    assert result["meta"]["small"] == f"a={pair / 'small'} / b={pair / 'small'} / ee=exit:1"
+    printed = capsys.readouterr().out
+    assert "fastest within 1 point of large greedy (ee): " in printed
+
+
 def test_sweep_without_matplotlib_writes_json(pair, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert sweep_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--fallback", "0.5", "--rollback", "1",
@@ -152,6 +178,11 @@ def test_sweep_without_matplotlib_writes_json(pair, tmp_path, capsys, monkeypatc
     (["--split", "EMPTY"], "the split is empty"),
     (["--rollback", "inf"], "--rollback thresholds must be finite and >= 0"),
     (["--fallback", "-0.5"], "--fallback thresholds must be finite and >= 0"),
+    (["--variant", "small"], "bad --variant 'small'; use NAME=SMALL_FOLDER or NAME=exit:K"),
+    (["--variant", "ee=exit:0"], "exit:K needs a whole number K >= 1"),
+    (["--variant", "ee=exit:x"], "exit:K needs a whole number K >= 1"),
+    (["--variant", "a=x", "--variant", "a=y"], "--variant names must differ"),
+    (["--variant", "ee=exit:1", "--exit-layer", "1"], "give the early-exit model as a variant"),
 ])
 def test_sweep_refuses(pair, tmp_path, capsys, arguments, message):
     if "cuda" in arguments and torch.cuda.is_available():
