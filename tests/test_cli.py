@@ -14,6 +14,7 @@ from minibild.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE, SMALL = ROOT / "weights" / "large", ROOT / "weights" / "small"
+ALIGNED = ROOT / "weights" / "aligned-small"  # the small model fine-tuned on the large one's outputs
 
 
 def run_cli(capsys, *args, stdin=None, monkeypatch=None):
@@ -24,11 +25,12 @@ def run_cli(capsys, *args, stdin=None, monkeypatch=None):
     return status, out, err
 
 
-def test_shipped_pair_loads_with_its_tokenizer():
-    large, small = minibild.load(LARGE), minibild.load(SMALL)
+@pytest.mark.parametrize("small_path", [SMALL, ALIGNED], ids=["small", "aligned-small"])
+def test_shipped_pair_loads_with_its_tokenizer(small_path):
+    large, small = minibild.load(LARGE), minibild.load(small_path)
     assert large.embed.weight.dtype == torch.float32  # stored as float16, computed in float32 by default
     assert large.config.vocab_size == small.config.vocab_size == minibild.Tokenizer(LARGE / "spiece.model").vocab_size
-    assert (LARGE / "spiece.model").read_bytes() == (SMALL / "spiece.model").read_bytes()
+    assert (LARGE / "spiece.model").read_bytes() == (small_path / "spiece.model").read_bytes()
 
 
 def test_translates_a_known_sentence_sensibly(capsys):
@@ -38,8 +40,9 @@ def test_translates_a_known_sentence_sensibly(capsys):
     assert out.count("\n") == 1 and "god" in words and "love" in words, out
 
 
-def test_rollback_zero_on_the_shipped_pair_is_large_greedy_in_float64():
-    large, small = minibild.load(LARGE, dtype=torch.float64), minibild.load(SMALL, dtype=torch.float64)
+@pytest.mark.parametrize("small_path", [SMALL, ALIGNED], ids=["small", "aligned-small"])
+def test_rollback_zero_on_the_shipped_pair_is_large_greedy_in_float64(small_path):
+    large, small = minibild.load(LARGE, dtype=torch.float64), minibild.load(small_path, dtype=torch.float64)
     tok = minibild.Tokenizer(LARGE / "spiece.model")
     rows = [json.loads(line) for line in (ROOT / "data" / "test.jsonl").read_text().splitlines()[:3]]
     for row in rows:
