@@ -85,7 +85,7 @@ def generate(args):
                               length_cap=cap)
     eos = large.config.eos_token_id
     runaways = {i for i, (ids, source) in enumerate(zip(outputs, sources))
-                if eos not in ids or len(ids) - 1 > min(cap(len(source)), args.max_new_tokens)}
+                if eos not in ids or len(ids) - 1 > cap(len(source))}  # a row may outrun its own cap in its batch
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for i, (row, ids) in enumerate(zip(rows, outputs)):

@@ -62,7 +62,7 @@ TITLES = {"bleu": "BLEU", "rougeL": "ROUGE-L"}
 
 def labelled(variant: str, mode: Mode) -> str:
     """A system's label: the mode's, after its variant's name when the sweep compares several."""
-    return f"{variant}: {mode.label}" if variant and mode.name != "large" else mode.label
+    return f"{variant}: {mode.label}" if variant else mode.label  # large greedy has no variant
 
 
 def point(variant: str, mode: Mode, entry: dict, metric: str) -> dict:

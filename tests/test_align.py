@@ -80,12 +80,12 @@ def test_generate_writes_the_large_models_unbatched_greedy_outputs(pair, calibra
     assert any(len(set(lengths[i:i + 8])) > 1 for i in range(0, len(lengths), 8))  # batches were padded
     # One sentence at a time, no padding: batching must not change a single output.
     outputs = [minibild.greedy(large, torch.tensor([tok.encode(row["source"])]), MAX_NEW_TOKENS)[0] for row in train]
-    assert [{**row, "reference": None} for row in written] == \
-        [{**row, "reference": None} for row, ids in zip(train, outputs) if 1 in ids]
-    assert (out / "dev.jsonl").read_bytes() == (pair / "dev.jsonl").read_bytes()  # real references, unchanged
     # Outputs cut at --max-new-tokens without EOS are runaways: left out, counted.
     kept = [1 in ids for ids in outputs]
+    assert [{**row, "reference": None} for row in written] == \
+        [{**row, "reference": None} for row, keep in zip(train, kept) if keep]
     assert [row["reference"] for row in written] == [tok.decode(ids) for ids, keep in zip(outputs, kept) if keep]
+    assert (out / "dev.jsonl").read_bytes() == (pair / "dev.jsonl").read_bytes()  # real references, unchanged
     assert 0 < sum(kept) < len(train) and f"{len(train) - sum(kept)} runaway outputs" in report
     assert report.count("runaway, left out: ") == min(3, len(train) - sum(kept))
 
