@@ -15,7 +15,7 @@ greedy: SMALL is a minibild checkpoint folder, or exit:K for the early-exit smal
 K decoder layers). Each variant runs small greedy, speculative decoding and the whole grid; labels start with
 "NAME: ". The paper's vanilla, aligned and early-exit BiLD on the test split:
 
-    python scripts/sweep.py --split data/test.jsonl --threads 1 --fallback 0.3 0.5 --rollback 3 \
+    python scripts/sweep.py --split data/test.jsonl --threads 1 --max-new-tokens 128 --fallback 0.3 0.6 --rollback 3 \
         --variant vanilla=weights/small --variant aligned=weights/aligned-small --variant early-exit=exit:2
 """
 import json
