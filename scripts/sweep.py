@@ -197,8 +197,8 @@ def run(args):
                ("speedup", "speedup", ".2f"), ("median_ms", "median ms", ".1f"), ("same_as_large", "= large", ".1%"),
                ("fallbacks_per_sentence", "fallbacks/sent", ".2f"), ("rollbacks_per_sentence", "rollbacks/sent", ".2f"),
                ("tokens_per_large_call", "tokens/large call", ".2f")]
-    print(f"{len(rows)} sentences of {args.split}, {args.large} / {small_names} on {device_name(device)} ({args.dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}); speedup vs large greedy in this run")
+    print(f"{len(rows)} sentences of {args.split}, {args.large} / {small_names} on {device_name(device)} "
+          f"({args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}); speedup vs large greedy in this run")
     print(format_table(report, columns))
     print("Pareto front (quality, speedup):")
     for p in front:

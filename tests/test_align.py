@@ -107,8 +107,8 @@ def test_generate_refuses(pair, tmp_path, capsys, problem, message):
         (data / "dev.jsonl").write_text((pair / "dev.jsonl").read_text())
     argv = ["generate", "--large", str(tmp_path / "nothing" if problem == "no-large" else pair / "large"),
             "--data", str(data), "--out", str(data if problem == "out-is-data" else tmp_path / "out"),
-            "--batch-size", "0" if problem == "batch-size" else "8", "--max-ratio", "0" if problem == "max-ratio" else "2",
-            "--no-progress"]
+            "--batch-size", "0" if problem == "batch-size" else "8",
+            "--max-ratio", "0" if problem == "max-ratio" else "2", "--no-progress"]
     status, err = run(argv, capsys)
     assert status == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
