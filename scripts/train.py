@@ -213,6 +213,7 @@ def train_model(args):
 
     start, last_save = time.perf_counter() - state["seconds"], time.perf_counter()
     tokens_seen, window_start = 0, time.perf_counter()
+    sitting = (state["step"], time.perf_counter())  # where and when this sitting started
     out_of_time = False
     while state["epoch"] < args.epochs and not out_of_time:
         order = list(range(len(train_batches)))
@@ -238,6 +239,9 @@ def train_model(args):
                 eta = state["seconds"] * (1 - done) / max(done, 1e-9)
                 if args.time_budget:
                     eta = min(eta, args.time_budget * 60 - state["seconds"])
+                if args.max_steps:  # at this sitting's pace so far
+                    pace = (time.perf_counter() - sitting[1]) / (state["step"] - sitting[0])
+                    eta = min(eta, (args.max_steps - state["step"]) * pace)
                 print(f"epoch {state['epoch'] + 1}/{args.epochs} step {state['step']} loss {loss.item():.3f} "
                       f"lr {group['lr']:.2e} {rate:,.0f} target tok/s elapsed {state['seconds'] / 60:.1f} min "
                       f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)

@@ -60,6 +60,14 @@ def test_resume_mid_epoch_is_exact(corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_progress_eta_counts_down_to_max_steps(corpus, tmp_path, capsys):
+    main(train_args(corpus, tmp_path / "run", "--epochs", "1000", "--max-steps", "4", "--log-every", "2"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if " ETA " in line]
+    etas = [float(line.split(" ETA ")[1].split()[0]) for line in lines]  # minutes
+    # 1000 epochs alone would predict minutes to hours; the run stops after 4 steps of well under a second.
+    assert len(etas) == 2 and etas[0] < 0.5 and etas[1] == 0.0, lines
+
+
 def test_resume_refuses_other_settings(corpus, tmp_path):
     main(train_args(corpus, tmp_path / "run", "--epochs", "1", "--max-steps", "2"))
     with pytest.raises(SystemExit, match="other settings"):
