@@ -219,6 +219,9 @@ def train_model(args):
         order = list(range(len(train_batches)))
         random.Random(args.seed * 1_000_003 + state["epoch"]).shuffle(order)  # same order when resumed
         for index in order[state["batch_in_epoch"]:]:
+            if args.max_steps and state["step"] >= args.max_steps:  # resumed from a run that stopped there
+                out_of_time = True
+                break
             batch = collate(train, train_batches[index], config.decoder_start_token_id, device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["step"] + 1, args.lr, args.warmup)

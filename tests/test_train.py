@@ -68,6 +68,16 @@ def test_progress_eta_counts_down_to_max_steps(corpus, tmp_path, capsys):
     assert len(etas) == 2 and etas[0] < 0.5 and etas[1] == 0.0, lines
 
 
+def test_running_again_at_max_steps_trains_no_further(corpus, tmp_path):
+    args = train_args(corpus, tmp_path / "run", "--epochs", "1000", "--max-steps", "3")
+    main(args)
+    first = from_hf(tmp_path / "run" / "hf").state_dict()
+    main(args)  # resumes at step 3: nothing left to do
+    second = from_hf(tmp_path / "run" / "hf").state_dict()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_resume_refuses_other_settings(corpus, tmp_path):
     main(train_args(corpus, tmp_path / "run", "--epochs", "1", "--max-steps", "2"))
     with pytest.raises(SystemExit, match="other settings"):
