@@ -219,7 +219,9 @@ def train_model(args):
         order = list(range(len(train_batches)))
         random.Random(args.seed * 1_000_003 + state["epoch"]).shuffle(order)  # same order when resumed
         for index in order[state["batch_in_epoch"]:]:
-            if args.max_steps and state["step"] >= args.max_steps:  # resumed from a run that stopped there
+            # Checked before a step, so that running a finished command again trains no further.
+            if (args.time_budget and state["seconds"] > args.time_budget * 60) or \
+                    (args.max_steps and state["step"] >= args.max_steps):
                 out_of_time = True
                 break
             batch = collate(train, train_batches[index], config.decoder_start_token_id, device)
@@ -249,9 +251,6 @@ def train_model(args):
                       f"lr {group['lr']:.2e} {rate:,.0f} target tok/s elapsed {state['seconds'] / 60:.1f} min "
                       f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
                 tokens_seen, window_start = 0, time.perf_counter()
-            if (args.time_budget and state["seconds"] > args.time_budget * 60) or state["step"] == args.max_steps:
-                out_of_time = True
-                break
             if time.perf_counter() - last_save > args.checkpoint_minutes * 60:
                 save_checkpoint(checkpoint_path, model, average, optimizer, state)
                 last_save = time.perf_counter()
