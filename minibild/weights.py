@@ -128,7 +128,7 @@ def build(config: T5Config, tensors: dict, source, device=None, dtype=None, name
     with torch.device("meta"):
         model = T5(config)
     model.load_state_dict(tensors, assign=True)  # assign: take the tensors as they are, no copy
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval().use_column_major_weights()
 
 
 def tokenizer_path(path) -> Path | None:
