@@ -1,6 +1,7 @@
 """The main job, `python -m minibild`, on the shipped demo pair: output contract and error paths."""
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,19 @@ def test_empty_stdin_and_console_script(capsys, monkeypatch):
     done = subprocess.run([sys.executable, "-m", "minibild", "--mode", "small", "--max-new-tokens", "8", "Dios"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
+
+
+def test_a_plain_translation_prints_only_the_translation():
+    done = subprocess.run([sys.executable, "-m", "minibild", "--max-new-tokens", "16", "Dios es amor."],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stderr == "" and len(done.stdout.splitlines()) == 1
+
+
+def test_numpy_is_declared_because_torch_warns_without_it():
+    """torch does not depend on numpy, yet its import warns "Failed to initialize NumPy" without it: a fresh
+    install would print that before every translation unless minibild installs numpy itself."""
+    without_numpy = subprocess.run([sys.executable, "-c", "import sys; sys.modules['numpy'] = None; import torch"],
+                                   capture_output=True, text=True)
+    assert "Failed to initialize NumPy" in without_numpy.stderr
+    dependencies = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)[1]
+    assert '"numpy' in dependencies, dependencies
