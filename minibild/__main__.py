@@ -71,11 +71,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def trace_pieces(trace, tok: Tokenizer) -> str:
-    """'id=piece' for every token a trace mentions, so a reader can follow it in words."""
+    """'id=piece' for every token a trace mentions, so a reader can follow it in words; a bare id for
+    the ids beyond the tokenizer's pieces (a T5 embedding may be larger: extra ids, padding)."""
     ids = set()
     for step in trace:
-        ids.update(step.fed + (step.argmax if isinstance(step, bild.LargeStep) else [step.token]))
-    return " ".join(f"{i}={tok.sp.IdToPiece(i)}" for i in sorted(ids))
+        ids.update(step.fed + (step.argmax if step.model == "large" else [step.token]))
+    return " ".join(f"{i}={tok.sp.IdToPiece(i)}" if i < tok.vocab_size else str(i) for i in sorted(ids))
 
 
 def main(argv=None) -> int:

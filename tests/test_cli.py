@@ -94,6 +94,22 @@ def test_mismatched_weights_are_refused(capsys, tmp_path):
     assert status == 2 and "vocab_size" in err and "8000" in err and "100" in err
 
 
+def test_trace_shows_ids_beyond_the_tokenizer_as_ids(capsys, tmp_path):
+    # A converted Hugging Face T5 has more ids than pieces (32128 and 32100); this model outputs only such ids.
+    config = minibild.T5Config(vocab_size=8128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                               tie_word_embeddings=False)
+    model = minibild.T5(config)
+    with torch.no_grad():
+        model.decoder.final_norm.weight.zero_()[0] = 1  # the decoder output is a multiple of e_0
+        model.lm_head.weight.zero_()[8100, 0], model.lm_head.weight[8101, 0] = 1, -1  # argmax: 8100 or 8101
+    minibild.save(model, tmp_path / "wide", tokenizer=LARGE / "spiece.model")
+    status, out, err = run_cli(capsys, "--large", str(tmp_path / "wide"), "--small", str(tmp_path / "wide"),
+                               "--trace", "--max-new-tokens", "3", "Dios es amor.")
+    assert status == 0 and out == "\n"  # ids without a piece decode to nothing
+    pieces = err.split("pieces: ")[1].splitlines()[0].split()
+    assert pieces[0] == "0=<pad>" and set(pieces[1:]) <= {"8100", "8101"} and pieces[1:], err
+
+
 def test_empty_stdin_and_console_script(capsys, monkeypatch):
     status, _, err = run_cli(capsys, stdin="", monkeypatch=monkeypatch)
     assert status == 2 and "no input" in err
