@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import minibild  # noqa: E402
 import train  # noqa: E402
 from evaluate import (DTYPES, WEIGHTS, UsageError, common_arguments, decode_interleaved, device_name,  # noqa: E402
-                      format_table, pick_device, read_split, report_errors, summarize)
+                      format_table, pick_device, read_split, report_errors, start, summarize, warm_up)
 from minibild.modes import Mode  # noqa: E402
 from minibild.weights import from_hf, save_hf, tokenizer_path  # noqa: E402
 from prepare_data import RESERVED_BOOKS, TEST_BOOKS  # noqa: E402
@@ -164,9 +164,7 @@ def agreement(args):
     if len(set(smalls)) < len(smalls):
         raise UsageError("the same --small model is given twice")
     mode = Mode("bild", args.fallback_threshold, args.rollback_threshold, args.max_small_steps, args.max_new_tokens)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start(args)
     rows = read_split(Path(args.split), args.limit)
     dtype = DTYPES[args.dtype]
     large, tok = minibild.load(args.large, device=device, dtype=dtype), tokenizer_beside(args.large)
@@ -178,8 +176,9 @@ def agreement(args):
         if spiece is not None and spiece.read_bytes() != tok.path.read_bytes():
             raise UsageError(f"{spiece} differs from the large model's {tok.path}: the pair must share one tokenizer")
     sources = [torch.tensor([tok.encode(row["source"])], device=device) for row in rows]
-    runs = decode_interleaved({path: partial(mode.decode, large, small) for path, small in models.items()},
-                              sources, device, show_progress=not args.no_progress)
+    decoders = {path: partial(mode.decode, large, small) for path, small in models.items()}
+    warm_up(decoders, sources[0], args.warmup)
+    runs = decode_interleaved(decoders, sources, device, args.repeats, not args.no_progress)
     report = {path: agreement_entry(run) for path, run in runs.items()}
     meta = {"split": args.split, "sentences": len(rows), "large": args.large, "mode": mode.label,
             "fallback_threshold": mode.fallback_threshold, "rollback_threshold": mode.rollback_threshold,
@@ -225,7 +224,6 @@ def main(argv=None) -> int:
     p.add_argument("--fallback-threshold", type=float, default=0.6)
     p.add_argument("--rollback-threshold", type=float, default=5.0)
     p.add_argument("--max-small-steps", type=int, default=10)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", help="also write the report here")
     p.set_defaults(func=agreement)
     args, rest = parser.parse_known_args(argv)

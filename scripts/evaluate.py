@@ -1,12 +1,29 @@
-"""Quality and latency of each decoding mode on a JSONL split, measured side by side in one run.
+"""Quality and latency of each decoding system, measured side by side in one run: minibild's large and small
+greedy, BiLD, speculative decoding, and transformers' own decoding on the same weights.
 
-    python scripts/evaluate.py --split data/test.jsonl
-    python scripts/evaluate.py --split data/dev.jsonl --systems large small bild:0.6,5 bild:0.6,0 speculative:5
+    python scripts/evaluate.py --split data/test.jsonl --threads 1
+    python scripts/evaluate.py --split data/dev.jsonl --limit 40 --repeats 3 \\
+        --hf-large runs/hf-large --hf-small runs/hf-small
+    python scripts/evaluate.py --device cuda --dtype float32 float16 bfloat16 --warmup 3 --json latency.json
+    python scripts/evaluate.py --synthetic 100 --source-length 40 --systems large bild:0.6,5
 
-A system is `large`, `small`, `speculative:K` or `bild:FALLBACK,ROLLBACK[,N]`. Every source is decoded
-by every system in turn (the order rotating from source to source), so that drift in the machine's
-speed hits all systems alike; each system's speedup is its latency relative to large greedy's over the
-same sources in the same run. Prints a table and writes JSON with --json.
+Systems: `large`, `small`, `speculative:K`, `bild:FALLBACK,ROLLBACK[,N]` (minibild), and with --hf-large (and
+--hf-small) `hf-greedy` and `hf-assisted`: transformers' generate(), greedy and with the small model as assistant
+(transformers' default assistant settings), on the Hugging Face folders the minibild files were converted from.
+--exit-layer K makes the small model the large model's first K decoder layers (early exit).
+
+Every source is decoded by every system --repeats times at batch 1, the order rotating from round to round, after
+--warmup untimed rounds on the first source, so that drift in the machine's speed hits all systems alike; on CUDA
+each call is synchronized. Latency is the median over repeats; a system's speedup is large greedy's total latency
+over its own, on the same sources in the same run. With references in the split: BLEU and chrF (sacrebleu).
+For BiLD: fallbacks and rollbacks per sentence, tokens per large-model call, the small model's share of the output,
+and the large model's share of wall time (a stopwatch around its encode / new_cache / decode calls here; minibild's
+own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, speculative, hf-greedy,
+hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
+
+Not offered: torch.compile and CUDA graphs. Each decoder call sees a new cache length, and BiLD's large calls a new
+number of tokens, so compiled graphs would be rebuilt or made dynamic call after call, and at batch 1 the Python
+loop around the model is a large part of the time.
 """
 import argparse
 import json
@@ -14,13 +31,15 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from minibild import EarlyExit, Tokenizer, load  # noqa: E402
+from minibild import T5, EarlyExit, Tokenizer, load  # noqa: E402
 from minibild.__main__ import DTYPES, UsageError, pick_device  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.progress import progress  # noqa: E402
@@ -28,6 +47,7 @@ from minibild.weights import tokenizer_path  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_SYSTEMS = ["large", "small", "bild:0.6,5", "bild:0.6,0", "speculative:5"]
+HF_SYSTEMS = ("hf-greedy", "hf-assisted")
 
 
 def parse_system(spec: str, max_new_tokens: int) -> Mode:
@@ -49,6 +69,14 @@ def parse_system(spec: str, max_new_tokens: int) -> Mode:
     raise UsageError(f"bad system {spec!r}; use large, small, speculative:K or bild:FALLBACK,ROLLBACK[,N]")
 
 
+def is_exact(mode: Mode) -> bool:
+    """Whether the mode must reproduce large greedy's tokens (up to floating point)."""
+    return mode.name == "speculative" or (
+        mode.name == "bild" and (mode.rollback_threshold == 0 or mode.fallback_threshold > 1))
+
+
+# --- the sources and the models --------------------------------------------------------------------------
+
 def read_split(path: Path, limit: int) -> list[dict]:
     if not path.exists():
         raise UsageError(f"{path}: no such split; run scripts/prepare_data.py")
@@ -57,6 +85,22 @@ def read_split(path: Path, limit: int) -> list[dict]:
     if not rows:
         raise UsageError(f"{path}: the split is empty")
     return rows
+
+
+def read_sources(split: str, limit: int, tok: Tokenizer | None, large_path) -> tuple[list[list[int]], list | None]:
+    """The split's source token ids, and its references when every row has one (None otherwise)."""
+    if tok is None:
+        raise UsageError(f"{large_path}: no spiece.model beside the weights to tokenize {split}")
+    rows = read_split(Path(split), limit)
+    references = [row.get("reference") for row in rows]
+    return [tok.encode(row["source"]) for row in rows], None if None in references else references
+
+
+def synthetic_sources(n: int, length: int, seed: int, config) -> list[list[int]]:
+    """n random sources of `length` tokens, EOS included: ids above pad/eos/unk, the same for every run."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, config.vocab_size, (length - 1,), generator=g).tolist() + [config.eos_token_id]
+            for _ in range(n)]
 
 
 def load_small(large, small_path, device, dtype, exit_layer: int = 0):
@@ -74,6 +118,17 @@ def load_pair(large_path, small_path, device, dtype, exit_layer: int = 0) -> tup
     return large, small, Tokenizer(spiece) if spiece else None
 
 
+def load_hf(path, device, dtype):
+    from transformers import T5ForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # no deprecation chatter from generate() in the middle of the table
+    logging.disable_progress_bar()
+    if not (Path(path) / "config.json").exists():
+        raise UsageError(f"{path}: no Hugging Face checkpoint folder here (no config.json)")
+    return T5ForConditionalGeneration.from_pretrained(path).to(device=device, dtype=dtype).eval()
+
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -83,6 +138,72 @@ def device_name(device) -> str:
     return names[0] if names else platform.processor() or "cpu"
 
 
+# --- the systems ---------------------------------------------------------------------------------------------
+
+class TimedModel:
+    """A model with a stopwatch on its encode, new_cache and decode calls; everything else passes through."""
+
+    def __init__(self, model, sync):
+        self.model, self.sync, self.seconds = model, sync, 0.0
+
+    def __getattr__(self, name):  # config, embed, training, ...
+        return getattr(self.model, name)
+
+    def _timed(self, method, *args, **kwargs):
+        self.sync()
+        start = time.perf_counter()
+        out = method(*args, **kwargs)
+        self.sync()
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def encode(self, *args, **kwargs):
+        return self._timed(self.model.encode, *args, **kwargs)
+
+    def new_cache(self, *args, **kwargs):
+        return self._timed(self.model.new_cache, *args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self._timed(self.model.decode, *args, **kwargs)
+
+
+@dataclass
+class System:
+    """One system to measure: decode(input_ids (1, S)) -> (tokens, BiLD result or None)."""
+    decode: Callable
+    exact: bool = False  # must reproduce large greedy's tokens
+    timer: TimedModel | None = None  # the large model's stopwatch (BiLD and speculative decoding)
+
+
+def minibild_system(mode: Mode, large, small, device) -> System:
+    """A minibild mode as a System; BiLD and speculative decoding run their large model under a stopwatch."""
+    if mode.name in ("large", "small"):
+        return System(partial(mode.decode, large, small))
+    timer = TimedModel(large, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    if isinstance(small, EarlyExit):  # the early-exit model must sit on the very large model BiLD is given
+        small = EarlyExit(timer, small.exit_layer)
+    return System(partial(mode.decode, timer, small), exact=is_exact(mode), timer=timer)
+
+
+@torch.inference_mode()
+def hf_decode(model, assistant, max_new_tokens: int, input_ids):
+    """transformers' greedy decoding (assisted when `assistant` is a model) -> (tokens as minibild gives them, None)."""
+    cache = {}
+    if model.config.num_decoder_layers > model.config.num_layers:
+        # transformers sizes the decoder's cache by the encoder's depth and fails on a deeper decoder;
+        # a cache made without a config grows to as many layers as it is fed.
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        name = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"  # renamed in transformers 5
+        cache = {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), assistant_model=assistant,
+                         do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, **cache)
+    tokens, eos = out[0, 1:].tolist(), model.config.eos_token_id  # without the decoder-start token
+    return (tokens[: tokens.index(eos) + 1] if eos in tokens else tokens), None  # nothing after EOS
+
+
+# --- measuring -----------------------------------------------------------------------------------------------
+
 def bleu(hypotheses: list[str], references: list[str]) -> float:
     import sacrebleu
     return sacrebleu.corpus_bleu(hypotheses, [references]).score
@@ -91,6 +212,13 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
 def chrf(hypotheses: list[str], references: list[str]) -> float:
     import sacrebleu
     return sacrebleu.corpus_chrf(hypotheses, [references]).score
+
+
+def warm_up(decoders: dict, input_ids, rounds: int):
+    """Run every decoder `rounds` times, untimed: the allocator, kernels and lazy initialisation settle."""
+    for _ in range(rounds):
+        for decode in decoders.values():
+            decode(input_ids)
 
 
 def decode_interleaved(systems: dict, sources: list, device, repeats: int = 1, show_progress=True) -> dict:
@@ -137,19 +265,35 @@ def summarize(run: dict, baseline: dict | None) -> dict:
     return entry
 
 
-def evaluate(systems: dict, tok: Tokenizer, rows, device, show_progress=True, metrics=None) -> dict:
-    """Decode every row with every system, {label: decode(input_ids) -> (tokens, BiLDResult or None)}, interleaved;
-    return per-system metrics, with speedups over the system labelled "large" (large greedy).
-    `metrics`: {name: score(hypotheses, references)}, default BLEU and chrF."""
-    metrics = metrics or {"bleu": bleu, "chrf": chrf}
-    sources = [torch.tensor([tok.encode(row["source"])], device=device) for row in rows]
-    runs = decode_interleaved(systems, sources, device, show_progress=show_progress)
-    references = [r["reference"] for r in rows]
+def evaluate(systems: dict[str, System], sources: list[list[int]], device, references: list[str] | None = None,
+             tok: Tokenizer | None = None, metrics: dict | None = None, repeats: int = 1, warmup: int = 0,
+             show_progress=True) -> dict:
+    """Decode every source with every system, interleaved (decode_interleaved), after `warmup` untimed rounds on the
+    first source -> {label: figures}: latency and speedup over the system labelled "large" (large greedy), BiLD's
+    counts, the large model's share of wall time, which sources an exact system decodes unlike large greedy, and
+    with references, each of `metrics` ({name: score(hypotheses, references)}, default BLEU and chrF)."""
+    inputs = [torch.tensor([ids], device=device) for ids in sources]
+    decoders = {label: system.decode for label, system in systems.items()}
+    warm_up(decoders, inputs[0], warmup)
+    for system in systems.values():
+        if system.timer:
+            system.timer.seconds = 0.0
+    runs = decode_interleaved(decoders, inputs, device, repeats, show_progress)
     report = {}
     for label, run in runs.items():
-        hypotheses = [tok.decode(t) for t in run["tokens"]]
-        report[label] = {name: score(hypotheses, references) for name, score in metrics.items()}
-        report[label].update(summarize(run, runs.get("large")))
+        entry = {}
+        if references:
+            hypotheses = [tok.decode(t) for t in run["tokens"]]
+            metrics = metrics or {"bleu": bleu, "chrf": chrf}
+            entry = {name: score(hypotheses, references) for name, score in metrics.items()}
+        entry.update(summarize(run, runs.get("large")))
+        system = systems[label]
+        if system.timer:
+            entry["large_share"] = system.timer.seconds / run["total_seconds"]
+        if system.exact and "large" in runs and label != "large":
+            entry["differs_from_large"] = [i for i, (a, b) in enumerate(zip(run["tokens"], runs["large"]["tokens"]))
+                                           if a != b]
+        report[label] = entry
     return report
 
 
@@ -157,11 +301,14 @@ COLUMNS = [("bleu", "BLEU", ".2f"), ("chrf", "chrF", ".2f"), ("mean_output_token
            ("median_ms", "median ms", ".1f"), ("speedup", "speedup", ".2f"),
            ("median_speedup", "median speedup", ".2f"), ("same_as_large", "= large", ".1%"),
            ("fallbacks_per_sentence", "fallbacks/sent", ".2f"), ("rollbacks_per_sentence", "rollbacks/sent", ".2f"),
-           ("tokens_per_large_call", "tokens/large call", ".2f"), ("small_token_share", "small share", ".1%")]
+           ("tokens_per_large_call", "tokens/large call", ".2f"), ("small_token_share", "small share", ".1%"),
+           ("large_share", "large share", ".1%")]
 
 
 def format_table(report: dict, columns=COLUMNS) -> str:
-    """One row per system, one column per (key, title, format); a key the entry lacks shows as '-'."""
+    """One row per system, one column per (key, title, format) that some entry has; a key an entry lacks shows
+    as '-'."""
+    columns = [c for c in columns if any(c[0] in entry for entry in report.values())]
     width = max(map(len, report)) + 2
     rows = [[format(entry[key], fmt) if key in entry else "-" for key, _, fmt in columns] for entry in report.values()]
     widths = [max([len(title)] + [len(row[i]) for row in rows]) for i, (_, title, _) in enumerate(columns)]
@@ -171,8 +318,23 @@ def format_table(report: dict, columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def common_arguments(description: str, split: str, max_new_tokens: int) -> argparse.ArgumentParser:
-    """A parser with the options every measuring script shares: the pair, the sources, the machine."""
+def exactness_lines(report: dict, sentences: int) -> list[str]:
+    """One line per exact system: identical to large greedy, or on which sources it differs."""
+    lines = []
+    for label, entry in report.items():
+        if "differs_from_large" in entry:
+            differs = entry["differs_from_large"]
+            lines.append(f"  {label}: " + ("identical to large greedy" if not differs else
+                                           f"DIFFERS from large greedy on {len(differs)} of {sentences} sources "
+                                           f"{differs[:10]} (floating point near-ties? compare in float64)"))
+    return lines
+
+
+# --- the options every measuring script shares -----------------------------------------------------------------
+
+def common_arguments(description: str | None, split: str, max_new_tokens: int,
+                     several_dtypes: bool = False) -> argparse.ArgumentParser:
+    """A parser with the options every measuring script shares: the pair, the sources, the machine, the timing."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default=split, help="JSONL with a 'source' (and a 'reference') per line")
     p.add_argument("--limit", type=int, default=0, help="use only the first N sources (0: all)")
@@ -182,9 +344,30 @@ def common_arguments(description: str, split: str, max_new_tokens: int) -> argpa
                    help="use the large model's first K decoder layers as the small model (early exit), not --small")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    if several_dtypes:
+        p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"],
+                       help="one or more: each is a separate run (a T4 has no bfloat16)")
+    else:
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per source and system; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every system on the first source")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def start(args) -> torch.device:
+    """Check the common options' counts, set the thread count, and return the device."""
+    for name in ("limit", "warmup"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("repeats", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
 
 
 def report_errors(program: str, run, args) -> int:
@@ -197,43 +380,104 @@ def report_errors(program: str, run, args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = common_arguments(__doc__, split="data/test.jsonl", max_new_tokens=256)
-    p.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+# --- this script -----------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = common_arguments(__doc__, split="data/test.jsonl", max_new_tokens=128, several_dtypes=True)
+    p.add_argument("--systems", nargs="+", help=f"default: {' '.join(DEFAULT_SYSTEMS)}, and the hf systems "
+                                                "the --hf folders allow; large greedy is always added")
+    p.add_argument("--hf-large", help="the large model's Hugging Face folder: adds hf-greedy")
+    p.add_argument("--hf-small", help="the small model's Hugging Face folder: adds hf-assisted (with --hf-large)")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N random sources instead of the split")
+    p.add_argument("--source-length", type=int, default=32, help="tokens per synthetic source, EOS included")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources")
     p.add_argument("--json", help="also write the report here")
-    return report_errors("evaluate", run, p.parse_args(argv))
+    return p.parse_args(argv)
 
 
-def setup(args, with_small: bool = True):
-    """The device, the sources and the pair (with its tokenizer) that the common options name; without
-    with_small, the small model is None (the caller loads its own)."""
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = read_split(Path(args.split), args.limit)
-    large, small, tok = load_pair(args.large, args.small if with_small else None, device, DTYPES[args.dtype],
-                                  args.exit_layer if with_small else 0)
-    if tok is None:
-        raise UsageError(f"{args.large}: no spiece.model beside the weights")
-    return device, rows, large, small, tok
+def main(argv=None) -> int:
+    return report_errors("evaluate", run, parse_args(argv))
+
+
+def system_specs(args) -> list[str]:
+    """The systems to run, checked, large greedy first if not given (the baseline of every speedup)."""
+    default = list(DEFAULT_SYSTEMS)
+    if args.hf_large:
+        default += ["hf-greedy", "hf-assisted"] if args.hf_small else ["hf-greedy"]
+    specs = list(dict.fromkeys(args.systems or default))
+    for spec in specs:
+        if spec not in HF_SYSTEMS:
+            try:
+                parse_system(spec, args.max_new_tokens)
+            except UsageError as e:
+                raise UsageError(f"{e}, hf-greedy or hf-assisted") from None
+    if "large" not in specs:
+        specs.insert(0, "large")
+    hf_wanted = [s for s in specs if s in HF_SYSTEMS]
+    if hf_wanted and (not args.hf_large or ("hf-assisted" in specs and not args.hf_small)):
+        raise UsageError(f"{', '.join(hf_wanted)} need{'s' * (len(hf_wanted) == 1)} --hf-large"
+                         + (" and --hf-small" if "hf-assisted" in specs else ""))
+    return specs
+
+
+def build_systems(args, specs: list[str], dtype, device) -> tuple[dict[str, System], T5, Tokenizer | None]:
+    """Load what the systems need in `dtype` -> ({label: System}, the large model, its tokenizer)."""
+    modes = {spec: parse_system(spec, args.max_new_tokens) for spec in specs if spec not in HF_SYSTEMS}
+    needs_small = any(mode.name != "large" for mode in modes.values())
+    large, small, tok = load_pair(args.large, args.small if needs_small else None, device, dtype,
+                                  args.exit_layer if needs_small else 0)
+    hf_large = load_hf(args.hf_large, device, dtype) if set(HF_SYSTEMS) & set(specs) else None
+    hf_small = load_hf(args.hf_small, device, dtype) if "hf-assisted" in specs else None
+    systems = {}
+    for spec in specs:
+        if spec in HF_SYSTEMS:
+            assistant = hf_small if spec == "hf-assisted" else None
+            systems[spec] = System(partial(hf_decode, hf_large, assistant, args.max_new_tokens), exact=True)
+        else:
+            systems[modes[spec].label] = minibild_system(modes[spec], large, small, device)
+    return systems, large, tok
 
 
 def run(args):
-    systems = [parse_system(s, args.max_new_tokens) for s in args.systems]
-    if "large" not in [m.label for m in systems]:
-        systems.insert(0, Mode("large", max_new_tokens=args.max_new_tokens))  # the baseline of every speedup
-    device, rows, large, small, tok = setup(args)
-    report = evaluate({m.label: partial(m.decode, large, small) for m in systems}, tok, rows, device,
-                      not args.no_progress)
-    meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": args.small,
-            "device": device_name(device), "threads": torch.get_num_threads(), "dtype": args.dtype,
-            "torch": torch.__version__}
-    print(f"{len(rows)} sentences of {args.split} on {meta['device']} ({args.dtype}, {meta['threads']} threads, "
-          f"torch {meta['torch']}); latency per sentence, speedup vs large greedy in this run")
-    print(format_table(report))
+    if args.synthetic < 0 or args.source_length < 1:
+        raise UsageError(f"--synthetic must be >= 0 and --source-length >= 1, got {args.synthetic} and "
+                         f"{args.source_length}")
+    specs = system_specs(args)
+    hf_version = None
+    if any(s in HF_SYSTEMS for s in specs):
+        try:
+            import transformers
+        except ImportError:
+            raise UsageError("hf-greedy and hf-assisted need transformers: pip install transformers") from None
+        hf_version = transformers.__version__
+    device = start(args)
+    meta = {"inputs": f"{args.synthetic} synthetic sources of {args.source_length} tokens (seed {args.seed})"
+                      if args.synthetic else args.split,
+            "large": args.large, "small": f"exit:{args.exit_layer}" if args.exit_layer else args.small,
+            "hf_large": args.hf_large, "hf_small": args.hf_small, "device": device_name(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None, "repeats": args.repeats,
+            "warmup": args.warmup, "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
+            "transformers": hf_version, "python": platform.python_version()}
+    runs = []
+    for dtype_name in args.dtype:
+        systems, large, tok = build_systems(args, specs, DTYPES[dtype_name], device)
+        if args.synthetic:
+            sources, references = synthetic_sources(args.synthetic, args.source_length, args.seed, large.config), None
+        else:
+            sources, references = read_sources(args.split, args.limit, tok, args.large)
+        report = evaluate(systems, sources, device, references, tok, repeats=args.repeats, warmup=args.warmup,
+                          show_progress=not args.no_progress)
+        runs.append({"dtype": dtype_name, "sentences": len(sources), "systems": report})
+        threads = f", {meta['threads']} threads" if meta["threads"] else ""
+        versions = f"torch {meta['torch']}" + (f", transformers {hf_version}" if hf_version else "")
+        print(f"{len(sources)} sources of {meta['inputs']}, {args.large} / {meta['small']} on {meta['device']} "
+              f"({dtype_name}{threads}; {versions}); batch 1, median of {args.repeats} interleaved run(s) per source "
+              f"after {args.warmup} warm-up round(s); speedup vs large greedy in this run")
+        print(format_table(report))
+        for line in exactness_lines(report, len(sources)):
+            print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "systems": report}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

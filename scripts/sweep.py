@@ -22,14 +22,14 @@ import json
 import math
 import statistics
 import sys
-from functools import partial
 from itertools import product
 from pathlib import Path
 
 import torch
 
-from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, format_table,
-                      load_small, parse_system, report_errors, setup)
+from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, exactness_lines,
+                      format_table, load_pair, load_small, minibild_system, parse_system, read_sources,
+                      report_errors, start)
 from minibild.modes import Mode
 
 DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
@@ -148,7 +148,6 @@ def parse_args(argv):
     p.add_argument("--n", nargs="+", type=int, default=[10], help="max small steps N")
     p.add_argument("--k", type=int, default=5, help="draft tokens of the speculative decoding baseline")
     p.add_argument("--metric", choices=sorted(METRICS), default="bleu", help="rougeL when references are summaries")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", default="runs/sweep", help="writes OUT.json and OUT.png")
     p.add_argument("--variant", action="append", metavar="NAME=SMALL",
                    help="a small model to compare side by side (a folder, or exit:K); repeat; replaces --small")
@@ -174,14 +173,20 @@ def run(args):
         raise UsageError(f"--variant names must differ, got {args.variant}")
     if variants and args.exit_layer:
         raise UsageError("--exit-layer and --variant: give the early-exit model as a variant, NAME=exit:K")
-    device, rows, large, small, tok = setup(args, with_small=not variants)
-    smalls = {name: load_small(large, path, device, DTYPES[args.dtype], k) for name, path, k in variants} or \
+    device, dtype = start(args), DTYPES[args.dtype]
+    large, small, tok = load_pair(args.large, None if variants else args.small, device, dtype,
+                                  0 if variants else args.exit_layer)
+    smalls = {name: load_small(large, path, device, dtype, k) for name, path, k in variants} or \
         {"": small}  # no --variant: the one small model of --small or --exit-layer, labels unprefixed
+    sources, references = read_sources(args.split, args.limit, tok, args.large)
+    if references is None:
+        raise UsageError(f"{args.split}: every line needs a 'reference' to score the systems' quality")
 
     large_greedy = Mode("large", max_new_tokens=args.max_new_tokens)
     systems = [("", large_greedy)] + [(name, m) for name in smalls for m in modes]
-    decoders = {labelled(name, m): partial(m.decode, large, smalls.get(name)) for name, m in systems}
-    report = evaluate(decoders, tok, rows, device, not args.no_progress, metrics={args.metric: METRICS[args.metric]})
+    decoders = {labelled(name, m): minibild_system(m, large, smalls.get(name), device) for name, m in systems}
+    report = evaluate(decoders, sources, device, references, tok, {args.metric: METRICS[args.metric]},
+                      args.repeats, args.warmup, not args.no_progress)
     points = [point(name, m, report[labelled(name, m)], args.metric) for name, m in systems]
     front = pareto_front(points)
     quality = report["large"][args.metric]
@@ -190,16 +195,19 @@ def run(args):
                        for name in smalls if name}
     small_names = " / ".join(f"{name}={path or f'exit:{k}'}" for name, path, k in variants) or \
         (f"exit:{args.exit_layer}" if args.exit_layer else args.small)
-    title = (f"{len(rows)} sentences of {Path(args.split).name}, {Path(args.large).name} / {small_names}, "
+    title = (f"{len(sources)} sentences of {Path(args.split).name}, {Path(args.large).name} / {small_names}, "
              f"{device_name(device)}, {args.dtype}, {torch.get_num_threads()} threads")
 
     columns = [(args.metric, TITLES[args.metric], ".2f"),
                ("speedup", "speedup", ".2f"), ("median_ms", "median ms", ".1f"), ("same_as_large", "= large", ".1%"),
                ("fallbacks_per_sentence", "fallbacks/sent", ".2f"), ("rollbacks_per_sentence", "rollbacks/sent", ".2f"),
                ("tokens_per_large_call", "tokens/large call", ".2f")]
-    print(f"{len(rows)} sentences of {args.split}, {args.large} / {small_names} on {device_name(device)} "
-          f"({args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}); speedup vs large greedy in this run")
+    print(f"{len(sources)} sentences of {args.split}, {args.large} / {small_names} on {device_name(device)} "
+          f"({args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}); speedup vs large greedy "
+          "in this run")
     print(format_table(report, columns))
+    for line in exactness_lines(report, len(sources)):
+        print(line)
     print("Pareto front (quality, speedup):")
     for p in front:
         print(f"  {p['label']}: {p['quality']:.2f} @ {p['speedup']:.2f}x")
@@ -209,9 +217,10 @@ def run(args):
 
     json_path, png_path = Path(f"{args.out}.json"), Path(f"{args.out}.png")
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"split": args.split, "sentences": len(rows), "large": args.large, "small": small_names,
+    meta = {"split": args.split, "sentences": len(sources), "large": args.large, "small": small_names,
             "metric": args.metric, "device": device_name(device), "dtype": args.dtype,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
+            "torch": torch.__version__}
     result = {"meta": meta, "points": points, "pareto_front": [p["label"] for p in front],
               "fastest_within_1": best["label"] if best else None,
               "fastest_within_1_by_variant": {name: p["label"] if p else None for name, p in best_by_variant.items()},

@@ -1,5 +1,5 @@
-"""scripts/time_latency.py and scripts/sweep.py end to end on a tiny random pair, their refusals, and the
-ROUGE-L and Pareto-front helpers on hand-computed examples."""
+"""scripts/evaluate.py and scripts/sweep.py end to end on a tiny random pair, their refusals, and the ROUGE-L and
+Pareto-front helpers on hand-computed examples."""
 import importlib.util
 import json
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import minibild
+from evaluate import main as evaluate_main
 from minibild.weights import save_hf
 from sweep import fastest_within, lcs_length, pareto_front, rouge_l
 from sweep import main as sweep_main
-from time_latency import main as time_main
 from tiny_models import sharp_random_t5
 from train import PRESETS
 from train import main as train_main
@@ -48,15 +48,18 @@ def models(pair):
     return ["--large", str(pair / "large"), "--small", str(pair / "small")]
 
 
-# --- time_latency.py ---------------------------------------------------------------------------------------
+# --- evaluate.py ---------------------------------------------------------------------------------------------
 
-def test_time_latency_split_with_transformers(pair, tmp_path, capsys):
+EXACT = ["bild(fb=0.6,rb=0,N=10)", "speculative(k=5)", "hf-greedy", "hf-assisted"]
+
+
+def test_evaluate_split_with_transformers(pair, tmp_path, capsys):
     pytest.importorskip("transformers")
-    out = tmp_path / "latency.json"
+    out = tmp_path / "eval.json"
     # float64: a k-token and k one-token forwards, or two implementations, could flip a float32 near-tie.
-    assert time_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--hf-large", str(pair / "large" / "hf"),
-                      "--hf-small", str(pair / "small" / "hf"), "--dtype", "float64", "--max-new-tokens", "10",
-                      "--repeats", "2", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--hf-large", str(pair / "large" / "hf"),
+                          "--hf-small", str(pair / "small" / "hf"), "--dtype", "float64", "--max-new-tokens", "10",
+                          "--repeats", "2", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"device", "threads", "torch", "transformers", "repeats", "warmup"} <= set(report["meta"])
     [run] = report["runs"]
@@ -64,51 +67,75 @@ def test_time_latency_split_with_transformers(pair, tmp_path, capsys):
     systems = run["systems"]
     assert list(systems) == ["large", "small", "bild(fb=0.6,rb=5,N=10)", "bild(fb=0.6,rb=0,N=10)",
                              "speculative(k=5)", "hf-greedy", "hf-assisted"]
-    exact = ["bild(fb=0.6,rb=0,N=10)", "speculative(k=5)", "hf-greedy", "hf-assisted"]
-    assert run["exact"] == {label: True for label in exact}
+    assert [label for label, entry in systems.items() if "differs_from_large" in entry] == EXACT
     for label, entry in systems.items():
-        assert {"median_ms", "mean_ms", "speedup", "median_speedup", "same_as_large"} <= set(entry)
+        assert {"bleu", "chrf", "median_ms", "mean_ms", "speedup", "median_speedup", "same_as_large"} <= set(entry)
         assert entry["median_ms"] > 0
-        if label in exact:
-            assert entry["same_as_large"] == 1 and entry["differs_from_large"] == []
+        if label == "large" or label in EXACT:
+            assert entry["bleu"] == pytest.approx(100)  # the references are large greedy's own outputs
+            assert entry["same_as_large"] == 1 and entry.get("differs_from_large", []) == []
         if label.startswith(("bild", "speculative")):
             assert 0 < entry["large_share"] <= 1 and entry["tokens_per_large_call"] >= 1
+            assert {"fallbacks_per_sentence", "rollbacks_per_sentence"} <= set(entry)
+            assert 0 <= entry["small_token_share"] <= 1
     assert systems["large"]["speedup"] == 1
+    assert systems["small"]["bleu"] < 100  # the pair disagrees
     printed = capsys.readouterr().out
-    assert "float64, 1 threads" in printed and "large share" in printed
-    assert printed.count("identical to large greedy") == 4
+    assert "float64, 1 threads" in printed and "BLEU" in printed and "large share" in printed
+    assert printed.count("identical to large greedy") == len(EXACT)
 
 
-def test_time_latency_synthetic_several_dtypes(pair, tmp_path):
-    out = tmp_path / "latency.json"
-    assert time_main(["--synthetic", "3", "--source-length", "6", *models(pair), "--dtype", "float32", "float64",
-                      "--systems", "bild:0.5,1,3", "speculative:3", "--max-new-tokens", "8", "--warmup", "0",
-                      "--no-progress", "--json", str(out)]) == 0
+def test_evaluate_early_exit(pair, tmp_path, capsys):
+    """The early-exit small model shares the large model's caches: its BiLD runs, timed, stay exact."""
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--split", str(pair / "dev.jsonl"), "--large", str(pair / "large"), "--exit-layer", "1",
+                          "--dtype", "float64", "--max-new-tokens", "10", "--systems", "small", "bild:0.6,0",
+                          "bild:0.3,2", "speculative:3", "--no-progress", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["small"] == "exit:1"
+    systems = report["runs"][0]["systems"]
+    for label in ("bild(fb=0.6,rb=0,N=10)", "speculative(k=3)"):
+        assert systems[label]["differs_from_large"] == [] and systems[label]["bleu"] == pytest.approx(100)
+    for label in ("bild(fb=0.6,rb=0,N=10)", "bild(fb=0.3,rb=2,N=10)", "speculative(k=3)"):
+        assert 0 < systems[label]["large_share"] < 1
+    assert capsys.readouterr().out.count("identical to large greedy") == 2
+
+
+def test_evaluate_synthetic_several_dtypes(pair, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert evaluate_main(["--synthetic", "3", "--source-length", "6", *models(pair), "--dtype", "float32", "float64",
+                          "--systems", "bild:0.5,1,3", "speculative:3", "--max-new-tokens", "8", "--warmup", "0",
+                          "--no-progress", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["meta"]["inputs"].startswith("3 synthetic sources of 6 tokens")
     assert [r["dtype"] for r in report["runs"]] == ["float32", "float64"]
     for run in report["runs"]:
         assert list(run["systems"]) == ["large", "bild(fb=0.5,rb=1,N=3)", "speculative(k=3)"]  # large added
-        assert list(run["exact"]) == ["speculative(k=3)"]
+        assert [label for label, entry in run["systems"].items() if "differs_from_large" in entry] == \
+            ["speculative(k=3)"]
+        assert not any("bleu" in entry for entry in run["systems"].values())  # no references, no quality
+    assert "BLEU" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--systems", "large", "beam:4"], "bad system 'beam:4'"),
+    (["--systems", "bild:x"], "bad system 'bild:x'"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--split", "EMPTY"], "the split is empty"),
     (["--large", "MISSING"], "no minibild checkpoint here"),
     (["--systems", "hf-greedy"], "hf-greedy needs --hf-large"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--synthetic", "-1"], "--synthetic must be >= 0"),
 ])
-def test_time_latency_refuses(pair, tmp_path, capsys, arguments, message):
+def test_evaluate_refuses(pair, tmp_path, capsys, arguments, message):
     if "cuda" in arguments and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     (tmp_path / "empty.jsonl").write_text("\n")
     arguments = [a.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("MISSING", str(tmp_path / "none"))
                  for a in arguments]
-    assert time_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--no-progress", *arguments]) == 2
+    assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--no-progress", *arguments]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("time_latency: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("evaluate: error: ") and message in err and err.count("\n") == 1
 
 
 # --- sweep.py ----------------------------------------------------------------------------------------------
@@ -134,6 +161,7 @@ def test_sweep_end_to_end(pair, tmp_path, capsys, metric):
     assert quality["small"] < 100 and quality["bild(fb=0.3,rb=2,N=4)"] < 100  # the pair disagrees
     printed = capsys.readouterr().out
     assert "Pareto front" in printed and "fastest within 1 point of large greedy: " in printed
+    assert printed.count("identical to large greedy") == 3  # speculative and both rollback-0 points
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -224,27 +252,3 @@ def test_pareto_front_and_fastest_within():
     assert fastest_within(points, 30.0)["label"] == "a"  # c is 1.5 below
     assert fastest_within(points, 30.0, tolerance=1.5)["label"] == "c"
     assert fastest_within(points, 40.0) is None
-
-
-# --- evaluate.py ---------------------------------------------------------------------------------------------
-
-def test_evaluate_reports_quality_latency_and_bild_stats(pair, tmp_path, capsys):
-    from evaluate import main as evaluate_main
-
-    out = tmp_path / "eval.json"
-    assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--max-new-tokens", "10",
-                          "--dtype", "float64", "--threads", "1", "--no-progress", "--json", str(out),
-                          "--systems", "small", "bild:0.6,5", "bild:0.6,0"]) == 0
-    report = json.loads(out.read_text())
-    assert report["meta"]["sentences"] == 6
-    systems = report["systems"]
-    assert list(systems) == ["large", "small", "bild(fb=0.6,rb=5,N=10)", "bild(fb=0.6,rb=0,N=10)"]  # large added
-    assert systems["large"]["bleu"] == pytest.approx(100)  # the references are large greedy's own outputs
-    assert systems["bild(fb=0.6,rb=0,N=10)"]["same_as_large"] == 1
-    assert systems["bild(fb=0.6,rb=0,N=10)"]["bleu"] == pytest.approx(100)
-    for label in ("bild(fb=0.6,rb=5,N=10)", "bild(fb=0.6,rb=0,N=10)"):
-        entry = systems[label]
-        assert entry["tokens_per_large_call"] >= 1 and 0 <= entry["small_token_share"] <= 1
-        assert {"fallbacks_per_sentence", "rollbacks_per_sentence", "chrf", "median_ms", "speedup"} <= set(entry)
-    assert "small" in capsys.readouterr().out
-    assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--systems", "bild:x"]) == 2
