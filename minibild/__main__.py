@@ -15,7 +15,7 @@ from . import bild
 from .model import EarlyExit
 from .modes import MODES, Mode
 from .progress import progress
-from .tokenizer import EOS_ID, Tokenizer
+from .tokenizer import Tokenizer
 from .weights import load, tokenizer_path
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -30,8 +30,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="minibild", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="*", help="texts to translate; none: read one per line from stdin")
     p.add_argument("--large", default=str(WEIGHTS / "large"), help="large model (minibild checkpoint folder)")
-    p.add_argument("--small", default=str(WEIGHTS / "small"), help="small model (minibild checkpoint folder)")
-    p.add_argument("--exit-layer", type=int, default=0, metavar="K",
+    p.add_argument("--small", help="small model (minibild checkpoint folder; default: the shipped weights/small)")
+    p.add_argument("--exit-layer", type=int, metavar="K",
                    help="use the large model's first K decoder layers as the small model (early exit), not --small")
     p.add_argument("--mode", choices=MODES, default="bild",
                    help="bild: BiLD; large/small: greedy with one model; speculative: greedy speculative "
@@ -79,6 +79,26 @@ def trace_pieces(trace, tok: Tokenizer) -> str:
     return " ".join(f"{i}={tok.sp.IdToPiece(i)}" if i < tok.vocab_size else str(i) for i in sorted(ids))
 
 
+def load_tokenizer(paths: dict[str, str], models: dict) -> Tokenizer:
+    """The tokenizer stored beside the models (name -> folder), refused unless each stores the same one
+    and it fits each model: a pair that tokenizes differently translates into garbage, silently."""
+    files = {}
+    for name, path in paths.items():
+        files[name] = tokenizer_path(path)
+        if files[name] is None:
+            raise UsageError(f"{path}: no spiece.model beside the weights; "
+                             "convert the checkpoint with its tokenizer (scripts/convert_hf_t5.py)")
+    (first, spiece), *others = files.items()
+    for name, other in others:
+        if other.read_bytes() != spiece.read_bytes():
+            raise UsageError(f"the {first} and {name} models have different tokenizers ({spiece} and {other}); "
+                             "both models of a pair must use the same one")
+    tok = Tokenizer(spiece)
+    for name, path in paths.items():
+        tok.check_model(models[name].config, f"the {name} model {path}")
+    return tok
+
+
 def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
@@ -94,15 +114,17 @@ def run(args) -> int:
         raise UsageError(f"--dtype {args.dtype} is for GPUs; on CPU use float32 or float64")
     mode = Mode(args.mode, args.fallback_threshold, args.rollback_threshold, args.max_small_steps,
                 args.max_new_tokens)
-    needs = ["large"] if args.exit_layer and mode.name != "large" else mode.models()
-    models = {name: load(getattr(args, name), device=device, dtype=dtype) for name in needs}
-    if args.exit_layer:
+    early_exit = args.exit_layer is not None
+    if early_exit and args.small is not None:
+        raise UsageError("--small and --exit-layer exclude each other: with --exit-layer K the small model is "
+                         "the large model's first K decoder layers")
+    paths = {"large": args.large, "small": args.small or str(WEIGHTS / "small")}
+    needs = ["large"] if early_exit and mode.name != "large" else mode.models()
+    models = {name: load(paths[name], device=device, dtype=dtype) for name in needs}
+    if early_exit:
         models["small"] = EarlyExit(models["large"], args.exit_layer)
-    spiece = tokenizer_path(getattr(args, needs[0]))
-    if spiece is None:
-        raise UsageError(f"{getattr(args, needs[0])}: no spiece.model beside the weights; "
-                         "convert the checkpoint with its tokenizer (scripts/convert_hf_t5.py)")
-    tok = Tokenizer(spiece)
+    tok = load_tokenizer({name: paths[name] for name in needs}, models)
+    eos = models[needs[0]].config.eos_token_id
     sources = [tok.encode(t) for t in texts]
     for i, ids in enumerate(sources, 1):
         if len(ids) > args.max_input_tokens:
@@ -114,7 +136,7 @@ def run(args) -> int:
         if args.trace and result is not None:
             print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}\n"
                   f"pieces: {trace_pieces(result.trace, tok)}", file=sys.stderr)
-        if tokens[-1:] != [EOS_ID]:
+        if tokens[-1:] != [eos]:
             print(f"minibild: warning: input {i} reached --max-new-tokens {args.max_new_tokens} before "
                   "the end of its translation", file=sys.stderr)
         print(tok.decode(tokens), flush=True)

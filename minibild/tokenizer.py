@@ -23,6 +23,18 @@ class Tokenizer:
         """Pieces in the sentencepiece model; a T5 embedding may be larger (extra ids, padding)."""
         return self.sp.GetPieceSize()
 
+    def check_model(self, config, model: str) -> None:
+        """Refuse a model (its T5Config; `model` names it) this tokenizer cannot serve: more pieces than the
+        model has ids, or special ids that are not the tokenizer's (T5 starts decoding with pad)."""
+        if self.vocab_size > config.vocab_size:
+            raise ValueError(f"{model}: its tokenizer {self.path} has {self.vocab_size} pieces, more than its "
+                             f"vocab_size {config.vocab_size}")
+        expected = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "decoder_start_token_id": PAD_ID}
+        wrong = [f"{name} {getattr(config, name)}" for name, i in expected.items() if getattr(config, name) != i]
+        if wrong:
+            raise ValueError(f"{model}: its config has {', '.join(wrong)}; its tokenizer {self.path} needs "
+                             f"pad_token_id {PAD_ID}, eos_token_id {EOS_ID}, decoder_start_token_id {PAD_ID}")
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` followed by EOS, as T5 expects its source."""
         return self.sp.EncodeAsIds(text) + [EOS_ID]

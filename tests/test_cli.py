@@ -77,9 +77,11 @@ def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     (["--large", "/nonexistent/model", "hola"], "/nonexistent/model: no minibild checkpoint"),
     (["--max-input-tokens", "3", "Y dijo Dios: Sea la luz."], "more than --max-input-tokens 3"),
     (["--rollback-threshold", "-1", "hola"], "rollback_threshold must be >= 0"),
-    (["--max-small-steps", "0", "hola"], "max_small_steps must be >= 1"),
+    (["--max-small-steps", "0", "hola"], "max_small_steps must be"),
     (["   "], "input 1 is empty"),
-], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty"])
+    (["--small", str(SMALL), "--exit-layer", "2", "hola"], "--small and --exit-layer"),
+    (["--exit-layer", "0", "hola"], "exit_layer must be in [1, 7]"),
+], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -87,11 +89,40 @@ def test_bad_input_gives_a_clear_error(capsys, args, message):
     assert status == 2 and out == "" and message in err and err.startswith("minibild: error:")
 
 
-def test_mismatched_weights_are_refused(capsys, tmp_path):
-    config = minibild.T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
-    minibild.save(minibild.T5(config), tmp_path / "other", tokenizer=LARGE / "spiece.model")
-    status, _, err = run_cli(capsys, "--small", str(tmp_path / "other"), "hola")
-    assert status == 2 and "vocab_size" in err and "8000" in err and "100" in err
+def tiny_checkpoint(folder, **config):
+    """A random one-layer T5 saved with the shipped tokenizer; `config` overrides its T5Config fields."""
+    config = minibild.T5Config(**{"vocab_size": 8000, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 1,
+                                  "num_heads": 2, **config})
+    return minibild.save(minibild.T5(config), folder, tokenizer=LARGE / "spiece.model")
+
+
+def test_a_pair_with_different_tokenizers_is_refused(capsys, tmp_path):
+    # The shipped small model beside a tokenizer of the same size whose pieces "▁God" and "▁man" trade ids.
+    data = bytearray((LARGE / "spiece.model").read_bytes())
+    god, man = (b"\n" + bytes([len(p.encode())]) + p.encode() + b"\x15" for p in ("▁God", "▁man"))  # piece, score
+    i, j = data.index(god), data.index(man)
+    data[i:i + len(god)], data[j:j + len(man)] = man, god
+    other = tmp_path / "small"
+    other.mkdir()
+    (other / "model.safetensors").symlink_to(SMALL / "model.safetensors")
+    (other / "spiece.model").write_bytes(data)
+    assert minibild.Tokenizer(other / "spiece.model").vocab_size == minibild.Tokenizer(LARGE / "spiece.model").vocab_size
+    status, out, err = run_cli(capsys, "--small", str(other), "Dios es amor.")
+    assert status == 2 and out == "" and err.count("\n") == 1 and "different tokenizers" in err
+    assert str(other / "spiece.model") in err and str(LARGE / "spiece.model") in err
+
+
+@pytest.mark.parametrize("mode, config, message", [
+    ("small", {"eos_token_id": 3}, "eos_token_id 3"),
+    ("small", {"decoder_start_token_id": 5}, "decoder_start_token_id 5"),
+    ("small", {"pad_token_id": 4}, "pad_token_id 4, decoder_start_token_id 4"),
+    ("small", {"vocab_size": 7999}, "has 8000 pieces, more than its vocab_size 7999"),
+    ("bild", {"vocab_size": 100}, "has 8000 pieces, more than its vocab_size 100"),
+], ids=["eos", "decoder-start", "pad", "vocab", "vocab-bild"])
+def test_a_model_its_tokenizer_does_not_fit_is_refused(capsys, tmp_path, mode, config, message):
+    tiny = tiny_checkpoint(tmp_path / "tiny", **config)
+    status, out, err = run_cli(capsys, "--mode", mode, "--small", str(tiny), "Dios es amor.")
+    assert status == 2 and out == "" and err.count("\n") == 1 and message in err and str(tiny) in err
 
 
 def test_trace_shows_ids_beyond_the_tokenizer_as_ids(capsys, tmp_path):
