@@ -67,6 +67,8 @@ class T5Config:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "T5Config":
         """Build from a Hugging Face config.json dict: known fields are read, the rest ignored."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
             # UMT5 gives every layer its own relative bias; other types are not T5 at all.
@@ -88,8 +90,6 @@ class T5Config:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read a JSON config: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict:

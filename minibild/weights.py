@@ -58,24 +58,27 @@ def expected_shapes(config: T5Config) -> dict[str, tuple]:
         return {name: tuple(t.shape) for name, t in T5(config).state_dict().items()}
 
 
-def check_tensors(config: T5Config, tensors: dict, source, name_in_file=lambda name: name) -> None:
-    """Raise a ValueError naming `source` and every missing, unexpected or mis-shaped tensor, each under
-    its name in the file (`name_in_file` maps minibild names to those)."""
+def first_few(problems: list[str], n: int = 3) -> str:
+    """The first n problems and how many more: an error that lists every tensor buries its cause."""
+    more = f" (and {len(problems) - n} more)" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more
+
+
+def check_tensors(config: T5Config, tensors: dict, source, name_in_file=lambda name: name,
+                  cause="the config does not match these weights") -> None:
+    """Raise a ValueError naming `source`, the first missing, unexpected, mis-shaped or non-float tensors
+    (under their names in the file: `name_in_file` maps minibild names to those) and the likely `cause`."""
     expected = expected_shapes(config)
-    missing = sorted(name_in_file(name) for name in set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{name_in_file(name)}: expected {list(expected[name])}, found {list(tensors[name].shape)}"
-             for name in expected if name in tensors and tuple(tensors[name].shape) != expected[name]]
-    not_float = [f"{name_in_file(name)}: {t.dtype}" for name, t in tensors.items()
+    problems = [f"{name_in_file(name)}: missing" for name in sorted(set(expected) - set(tensors), key=name_in_file)]
+    problems += [f"{name}: unexpected" for name in sorted(set(tensors) - set(expected))]
+    problems += [f"{name_in_file(name)}: expected shape {list(shape)}, found {list(tensors[name].shape)}"
+                 for name, shape in expected.items() if name in tensors and tuple(tensors[name].shape) != shape]
+    problems += [f"{name_in_file(name)}: {t.dtype}, expected a float dtype" for name, t in tensors.items()
                  if name in expected and not t.is_floating_point()]
-    problems = ([f"missing tensors: {', '.join(missing)}"] if missing else []) + \
-               ([f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else []) + \
-               ([f"shape mismatch: {'; '.join(wrong)}"] if wrong else []) + \
-               ([f"non-float tensors: {', '.join(not_float)}"] if not_float else [])
     if problems:
         raise ValueError(f"{source}: does not match its config ({config.num_layers} encoder / "
                          f"{config.num_decoder_layers} decoder layers, d_model {config.d_model}, "
-                         f"vocab {config.vocab_size}):\n  " + "\n  ".join(problems))
+                         f"vocab {config.vocab_size}): {first_few(problems)}. Likely cause: {cause}.")
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -117,14 +120,16 @@ def load(path, device=None, dtype=None) -> T5:
         config = T5Config.from_dict(json.loads(metadata["config"]), source=f"{file} (config in metadata)")
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: the config in its metadata is not valid JSON: {e}") from None
-    return build(config, tensors, source=file, device=device, dtype=dtype or torch.float32)
+    return build(config, tensors, source=file, device=device, dtype=dtype or torch.float32,
+                 cause="the config in its metadata does not match its tensors; convert or save the model again")
 
 
-def build(config: T5Config, tensors: dict, source, device=None, dtype=None, name_in_file=lambda name: name) -> T5:
-    """A T5 in eval mode holding `tensors` (minibild names), checked against `config`."""
+def build(config: T5Config, tensors: dict, source, device=None, dtype=None, name_in_file=lambda name: name,
+          cause="the config does not match these weights") -> T5:
+    """A T5 in eval mode holding `tensors` (minibild names), checked against `config` (see check_tensors)."""
     if dtype is not None and dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float64, float16 or bfloat16, got {dtype}")
-    check_tensors(config, tensors, source, name_in_file)
+    check_tensors(config, tensors, source, name_in_file, cause)
     with torch.device("meta"):
         model = T5(config)
     model.load_state_dict(tensors, assign=True)  # assign: take the tensors as they are, no copy
@@ -150,6 +155,9 @@ def read_hf_tensors(hf_dir: Path) -> dict:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index}: not a valid shard index: its 'weight_map' must map tensor names "
+                                 "to file names")
             tensors = {}
             for shard in sorted(set(weight_map.values())):
                 tensors.update(_read_hf_file(hf_dir / shard, reader))
@@ -198,8 +206,9 @@ def from_hf(hf_dir) -> T5:
     unexpected = sorted(set(hf) - known)
     if unexpected:
         raise ValueError(f"{hf_dir}: unexpected tensors (is this a T5 checkpoint of this config?): "
-                         f"{', '.join(unexpected)}")
-    return build(config, tensors, source=hf_dir, name_in_file=name_in_file)
+                         f"{first_few(unexpected)}")
+    return build(config, tensors, source=hf_dir, name_in_file=name_in_file,
+                 cause="config.json does not match these weights")
 
 
 def save_hf(model: T5, out, tokenizer=None, dtype=None) -> Path:

@@ -3,6 +3,7 @@ back to transformers, and every error a user can hit, checked by what its messag
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -186,15 +187,14 @@ def add(name, shape):
 
 @V10
 @pytest.mark.parametrize("edit, message", [
-    (drop("decoder.block.1.layer.2.DenseReluDense.wo.weight"),
-     "missing tensors: decoder.block.1.layer.2.DenseReluDense.wo.weight"),
-    (drop("shared.weight"), "missing tensors: shared.weight"),
+    (drop("decoder.block.1.layer.2.DenseReluDense.wo.weight"), "decoder.block.1.layer.2.DenseReluDense.wo.weight: missing"),
+    (drop("shared.weight"), "shared.weight: missing"),
     (add("encoder.block.2.layer.0.SelfAttention.q.weight", (32, 32)),
      "unexpected tensors (is this a T5 checkpoint of this config?): encoder.block.2.layer.0.SelfAttention.q.weight"),
     (add("encoder.block.0.layer.0.SelfAttention.q.weight", (32, 31)),
-     "shape mismatch: encoder.block.0.layer.0.SelfAttention.q.weight: expected [32, 32], found [32, 31]"),
+     "encoder.block.0.layer.0.SelfAttention.q.weight: expected shape [32, 32], found [32, 31]"),
     (lambda t: t.__setitem__("encoder.final_layer_norm.weight", torch.ones(32, dtype=torch.long)),
-     "non-float tensors: encoder.final_layer_norm.weight: torch.int64"),
+     "encoder.final_layer_norm.weight: torch.int64, expected a float dtype"),
 ], ids=["missing", "missing-embedding", "unexpected", "shape", "dtype"])
 def test_tensor_errors_name_the_folder_and_tensor(checkpoint, tmp_path, edit, message):
     hf_dir = hf_copy(checkpoint, tmp_path / "hf", edit)
@@ -202,6 +202,26 @@ def test_tensor_errors_name_the_folder_and_tensor(checkpoint, tmp_path, edit, me
         weights.from_hf(hf_dir)
     assert str(error.value).startswith(f"{hf_dir}: ")
     assert message in str(error.value)
+
+
+@V10
+def test_a_config_that_does_not_fit_the_weights_gets_a_short_error(checkpoint, tmp_path):
+    # Every tensor but the relative biases and layer norms has the wrong shape: list a few, count the rest.
+    config = {**json.loads((checkpoint.hf_dir / "config.json").read_text()), "d_model": 64}
+    with pytest.raises(ValueError) as error:
+        weights.from_hf(hf_copy(checkpoint, tmp_path / "hf", config=config))
+    message = str(error.value)
+    assert len(message) < 600 and "\n" not in message, message
+    assert re.search(r"expected shape \[64\], found \[32\].* \(and \d+ more\)\. Likely cause: config.json does not "
+                     "match these weights", message), message
+
+    tensors = load_file(checkpoint.minibild_dir / weights.WEIGHTS_FILE)
+    config = {**checkpoint.minibild().config.to_dict(), "d_model": 64}
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={"format": "minibild-t5", "config": json.dumps(config)})
+    with pytest.raises(ValueError) as error:
+        minibild.load(tmp_path / "bad.safetensors")
+    message = str(error.value)
+    assert len(message) < 600 and "(and " in message and "Likely cause: the config in its metadata" in message
 
 
 @V10
@@ -231,7 +251,12 @@ def test_config_errors_name_the_file(checkpoint, tmp_path, config_text, message)
     ("model.safetensors.index.json", b"{}", ValueError, "model.safetensors.index.json: not a valid shard index"),
     ("model.safetensors.index.json", b'{"weight_map": {"shared.weight": "model-1-of-2.safetensors"}}',
      FileNotFoundError, "model-1-of-2.safetensors: listed in the shard index but missing"),
-], ids=["garbage", "truncated", "bin", "index", "shard"])
+    ("model.safetensors.index.json", b"[1, 2]", ValueError, "model.safetensors.index.json: not a valid shard index"),
+    ("model.safetensors.index.json", b'{"weight_map": ["model-1-of-2.safetensors"]}', ValueError,
+     "model.safetensors.index.json: not a valid shard index"),
+    ("model.safetensors.index.json", b'{"weight_map": {"shared.weight": 1}}', ValueError,
+     "model.safetensors.index.json: not a valid shard index"),
+], ids=["garbage", "truncated", "bin", "index", "shard", "index-list", "weight-map-list", "shard-not-a-name"])
 def test_unreadable_weights_name_the_file(checkpoint, tmp_path, file, content, error, message):
     hf_dir = hf_copy(checkpoint, tmp_path / "hf")
     if content == "truncated":
@@ -286,6 +311,9 @@ def test_minibild_load_errors(checkpoint, tmp_path):
     save_file(tensors, tmp_path / "bad.safetensors", metadata={"format": "minibild-t5", "config": "{oops"})
     with pytest.raises(ValueError, match="bad.safetensors: the config in its metadata is not valid JSON"):
         minibild.load(tmp_path / "bad.safetensors")
+    save_file(tensors, tmp_path / "list.safetensors", metadata={"format": "minibild-t5", "config": "[1, 2]"})
+    with pytest.raises(ValueError, match=r"list.safetensors \(config in metadata\): expected a JSON object, got list"):
+        minibild.load(tmp_path / "list.safetensors")
 
 
 # --- scripts/convert_hf_t5.py ---------------------------------------------------------------------------
@@ -311,7 +339,7 @@ def test_convert_script_reports_user_errors_without_traceback(checkpoint, tmp_pa
     hf_dir = hf_copy(checkpoint, tmp_path / "hf", drop("encoder.final_layer_norm.weight"))
     assert convert_main([str(hf_dir), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "missing tensors: encoder.final_layer_norm.weight" in err
+    assert err.startswith("error: ") and "encoder.final_layer_norm.weight: missing" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
