@@ -420,12 +420,19 @@ def system_specs(args) -> list[str]:
     return specs
 
 
+def small_name(args, specs: list[str]) -> str | None:
+    """The small model minibild's systems use ("exit:K" for early exit), or None when they use none."""
+    if all(spec in HF_SYSTEMS or spec == "large" for spec in specs):
+        return None
+    return f"exit:{args.exit_layer}" if args.exit_layer else args.small
+
+
 def build_systems(args, specs: list[str], dtype, device) -> tuple[dict[str, System], T5, Tokenizer | None]:
     """Load what the systems need in `dtype` -> ({label: System}, the large model, its tokenizer)."""
     modes = {spec: parse_system(spec, args.max_new_tokens) for spec in specs if spec not in HF_SYSTEMS}
-    needs_small = any(mode.name != "large" for mode in modes.values())
-    large, small, tok = load_pair(args.large, args.small if needs_small else None, device, dtype,
-                                  args.exit_layer if needs_small else 0)
+    uses_small = small_name(args, specs) is not None
+    large, small, tok = load_pair(args.large, args.small if uses_small else None, device, dtype,
+                                  args.exit_layer if uses_small else 0)
     hf_large = load_hf(args.hf_large, device, dtype) if set(HF_SYSTEMS) & set(specs) else None
     hf_small = load_hf(args.hf_small, device, dtype) if "hf-assisted" in specs else None
     systems = {}
@@ -453,7 +460,7 @@ def run(args):
     device = start(args)
     meta = {"inputs": f"{args.synthetic} synthetic sources of {args.source_length} tokens (seed {args.seed})"
                       if args.synthetic else args.split,
-            "large": args.large, "small": f"exit:{args.exit_layer}" if args.exit_layer else args.small,
+            "large": args.large, "small": small_name(args, specs),
             "hf_large": args.hf_large, "hf_small": args.hf_small, "device": device_name(device),
             "threads": torch.get_num_threads() if device.type == "cpu" else None, "repeats": args.repeats,
             "warmup": args.warmup, "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
@@ -470,7 +477,9 @@ def run(args):
         runs.append({"dtype": dtype_name, "sentences": len(sources), "systems": report})
         threads = f", {meta['threads']} threads" if meta["threads"] else ""
         versions = f"torch {meta['torch']}" + (f", transformers {hf_version}" if hf_version else "")
-        print(f"{len(sources)} sources of {meta['inputs']}, {args.large} / {meta['small']} on {meta['device']} "
+        inputs = meta["inputs"] if args.synthetic else f"{len(sources)} sources of {args.split}"
+        pair = f"{args.large} / {meta['small']}" if meta["small"] else args.large
+        print(f"{inputs}, {pair} on {meta['device']} "
               f"({dtype_name}{threads}; {versions}); batch 1, median of {args.repeats} interleaved run(s) per source "
               f"after {args.warmup} warm-up round(s); speedup vs large greedy in this run")
         print(format_table(report))
