@@ -49,13 +49,14 @@ def parse_args(argv):
 
 
 def read_inputs(args) -> list[str]:
-    texts = args.text if args.text else sys.stdin.read().splitlines()
-    if not texts:
+    """The texts to translate: the arguments, or the lines on stdin (blank lines included)."""
+    if args.text:
+        return args.text
+    text = sys.stdin.read()
+    if not text:
         raise UsageError("no input: give texts as arguments or one per line on stdin")
-    for i, text in enumerate(texts, 1):
-        if not text.strip():
-            raise UsageError(f"input {i} is empty; every input line must hold text to translate")
-    return texts
+    # Lines end at "\n" only: str.splitlines would also split at form feeds, U+2028 and others inside a line.
+    return text.removesuffix("\n").split("\n")
 
 
 def pick_device(name: str) -> torch.device:
@@ -126,12 +127,21 @@ def run(args) -> int:
     tok = load_tokenizer({name: paths[name] for name in needs}, models)
     eos = models[needs[0]].config.eos_token_id
     sources = [tok.encode(t) for t in texts]
+    blank = [i for i, ids in enumerate(sources, 1) if len(ids) == 1]  # no token but the EOS encode appends
+    if blank and args.text:
+        raise UsageError(f"input {blank[0]} is empty; every argument must hold text to translate")
+    if blank:  # one line out per line in, as line-oriented tools do
+        print(f"minibild: note: blank input lines give blank output lines ({len(blank)}, the first at line "
+              f"{blank[0]})", file=sys.stderr)
     for i, ids in enumerate(sources, 1):
         if len(ids) > args.max_input_tokens:
             raise UsageError(f"input {i} has {len(ids)} tokens, more than --max-input-tokens "
                              f"{args.max_input_tokens}; split it or raise the limit")
     show_progress = len(texts) > 1 and not args.trace
     for i, ids in progress(enumerate(sources, 1), len(sources), "translating", show_progress):
+        if len(ids) == 1:
+            print(flush=True)
+            continue
         tokens, result = mode.decode(models.get("large"), models.get("small"), torch.tensor([ids], device=device))
         if args.trace and result is not None:
             print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}\n"

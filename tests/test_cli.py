@@ -62,6 +62,17 @@ def test_one_output_line_per_input_line(capsys, monkeypatch):
     assert "translating" in err  # the progress bar goes to stderr
 
 
+def test_a_blank_input_line_gives_a_blank_output_line(capsys, monkeypatch):
+    # Line 2 is blank, line 4 only spaces, line 5 a zero-width space (no token); line 3 holds a line separator
+    # (U+2028) that str.splitlines would split at: still one line.
+    lines = ["Dios es amor.", "", "Jehová es mi pastor.\u2028Y dijo Dios: Sea la luz.", "   ", "\u200b", "Dios"]
+    status, out, err = run_cli(capsys, "--max-new-tokens", "16", stdin="\n".join(lines) + "\n",
+                               monkeypatch=monkeypatch)
+    assert status == 0 and out.count("\n") == 6
+    assert [bool(line) for line in out.split("\n")[:6]] == [True, False, True, False, False, True], out
+    assert "blank input lines give blank output lines (3, the first at line 2)" in err
+
+
 def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     for mode in ("bild", "large", "small", "speculative"):
         status, out, _ = run_cli(capsys, "--mode", mode, "--max-new-tokens", "12", "Dios es amor.")
