@@ -48,15 +48,28 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+NOT_UTF8 = "is not UTF-8 text; convert it first, for example with iconv -f latin1 -t utf-8"
+
+
 def read_inputs(args) -> list[str]:
     """The texts to translate: the arguments, or the lines on stdin (blank lines included)."""
     if args.text:
-        return args.text
-    text = sys.stdin.read()
-    if not text:
-        raise UsageError("no input: give texts as arguments or one per line on stdin")
-    # Lines end at "\n" only: str.splitlines would also split at form feeds, U+2028 and others inside a line.
-    return text.removesuffix("\n").split("\n")
+        texts = args.text
+    else:
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError(f"stdin {NOT_UTF8}") from None
+        if not text:
+            raise UsageError("no input: give texts as arguments or one per line on stdin")
+        # Lines end at "\n" only: str.splitlines would also split at form feeds, U+2028 and others inside a line.
+        texts = text.removesuffix("\n").split("\n")
+    for i, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")  # fails on the surrogates Python makes of undecodable bytes (surrogateescape)
+        except UnicodeEncodeError:
+            raise UsageError(f"input {i} {NOT_UTF8}") from None
+    return texts
 
 
 def pick_device(name: str) -> torch.device:
@@ -115,6 +128,8 @@ def run(args) -> int:
         raise UsageError(f"--dtype {args.dtype} is for GPUs; on CPU use float32 or float64")
     mode = Mode(args.mode, args.fallback_threshold, args.rollback_threshold, args.max_small_steps,
                 args.max_new_tokens)
+    if args.trace and mode.name in ("large", "small"):
+        raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")
     early_exit = args.exit_layer is not None
     if early_exit and args.small is not None:
         raise UsageError("--small and --exit-layer exclude each other: with --exit-layer K the small model is "

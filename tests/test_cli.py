@@ -73,6 +73,16 @@ def test_a_blank_input_line_gives_a_blank_output_line(capsys, monkeypatch):
     assert "blank input lines give blank output lines (3, the first at line 2)" in err
 
 
+def test_stdin_that_is_not_utf8_gives_a_clear_error(capsys, monkeypatch):
+    # A Latin-1 file read in a UTF-8 locale: "strict" decoding fails, C.UTF-8's "surrogateescape" lets it through.
+    for errors in ("strict", "surrogateescape"):
+        stdin = io.TextIOWrapper(io.BytesIO("Dios es amor.\nJehová es mi pastor.\n".encode("latin-1")),
+                                 encoding="utf-8", errors=errors)
+        monkeypatch.setattr(sys, "stdin", stdin)
+        status, out, err = run_cli(capsys)
+        assert status == 2 and out == "" and err.startswith("minibild: error: ") and "not UTF-8 text" in err, err
+
+
 def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     for mode in ("bild", "large", "small", "speculative"):
         status, out, _ = run_cli(capsys, "--mode", mode, "--max-new-tokens", "12", "Dios es amor.")
@@ -92,7 +102,10 @@ def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     (["   "], "input 1 is empty"),
     (["--small", str(SMALL), "--exit-layer", "2", "hola"], "--small and --exit-layer"),
     (["--exit-layer", "0", "hola"], "exit_layer must be in [1, 7]"),
-], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0"])
+    (["--mode", "large", "--trace", "hola"], "--trace shows BiLD's decisions; --mode large has none"),
+    (["Dios es amor \udce1."], "input 1 is not UTF-8 text"),  # a Latin-1 byte, as Python passes it on
+], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0",
+        "trace-greedy", "latin-1"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
