@@ -16,7 +16,7 @@ from .model import EarlyExit
 from .modes import MODES, Mode
 from .progress import progress
 from .tokenizer import Tokenizer
-from .weights import load, tokenizer_path
+from .weights import load, load_tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,26 +93,6 @@ def trace_pieces(trace, tok: Tokenizer) -> str:
     return " ".join(f"{i}={tok.sp.IdToPiece(i)}" if i < tok.vocab_size else str(i) for i in sorted(ids))
 
 
-def load_tokenizer(paths: dict[str, str], models: dict) -> Tokenizer:
-    """The tokenizer stored beside the models (name -> folder), refused unless each stores the same one
-    and it fits each model: a pair that tokenizes differently translates into garbage, silently."""
-    files = {}
-    for name, path in paths.items():
-        files[name] = tokenizer_path(path)
-        if files[name] is None:
-            raise UsageError(f"{path}: no spiece.model beside the weights; "
-                             "convert the checkpoint with its tokenizer (scripts/convert_hf_t5.py)")
-    (first, spiece), *others = files.items()
-    for name, other in others:
-        if other.read_bytes() != spiece.read_bytes():
-            raise UsageError(f"the {first} and {name} models have different tokenizers ({spiece} and {other}); "
-                             "both models of a pair must use the same one")
-    tok = Tokenizer(spiece)
-    for name, path in paths.items():
-        tok.check_model(models[name].config, f"the {name} model {path}")
-    return tok
-
-
 def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
@@ -139,7 +119,7 @@ def run(args) -> int:
     models = {name: load(paths[name], device=device, dtype=dtype) for name in needs}
     if early_exit:
         models["small"] = EarlyExit(models["large"], args.exit_layer)
-    tok = load_tokenizer({name: paths[name] for name in needs}, models)
+    tok = load_tokenizer({name: (paths[name], models[name].config) for name in needs})
     eos = models[needs[0]].config.eos_token_id
     sources = [tok.encode(t) for t in texts]
     blank = [i for i, ids in enumerate(sources, 1) if len(ids) == 1]  # no token but the EOS encode appends

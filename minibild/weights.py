@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import T5Config
 from .model import T5
+from .tokenizer import Tokenizer
 
 FORMAT = "minibild-t5"
 WEIGHTS_FILE = "model.safetensors"
@@ -141,6 +142,26 @@ def tokenizer_path(path) -> Path | None:
     path = Path(path)
     candidate = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
     return candidate if candidate.exists() else None
+
+
+def load_tokenizer(models: dict) -> Tokenizer:
+    """The tokenizer stored beside one model or a pair ({name: (checkpoint, its T5Config)}), refused unless each
+    stores the same one and it fits each model: a pair that tokenizes differently translates into garbage."""
+    files = {}
+    for name, (path, _) in models.items():
+        files[name] = tokenizer_path(path)
+        if files[name] is None:
+            raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} beside the weights; convert the checkpoint with "
+                                    "its tokenizer (scripts/convert_hf_t5.py)")
+    (first, spiece), *others = files.items()
+    for name, other in others:
+        if other.read_bytes() != spiece.read_bytes():
+            raise ValueError(f"the {first} and {name} models have different tokenizers ({spiece} and {other}); "
+                             "both models of a pair must use the same one")
+    tok = Tokenizer(spiece)
+    for name, (path, config) in models.items():
+        tok.check_model(config, f"the {name} model {path}")
+    return tok
 
 
 # --- Hugging Face checkpoints ----------------------------------------------------------------------

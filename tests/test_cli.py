@@ -130,7 +130,8 @@ def test_a_pair_with_different_tokenizers_is_refused(capsys, tmp_path):
     other.mkdir()
     (other / "model.safetensors").symlink_to(SMALL / "model.safetensors")
     (other / "spiece.model").write_bytes(data)
-    assert minibild.Tokenizer(other / "spiece.model").vocab_size == minibild.Tokenizer(LARGE / "spiece.model").vocab_size
+    sizes = {minibild.Tokenizer(folder / "spiece.model").vocab_size for folder in (LARGE, other)}
+    assert len(sizes) == 1  # same size: only two words differ
     status, out, err = run_cli(capsys, "--small", str(other), "Dios es amor.")
     assert status == 2 and out == "" and err.count("\n") == 1 and "different tokenizers" in err
     assert str(other / "spiece.model") in err and str(LARGE / "spiece.model") in err

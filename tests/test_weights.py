@@ -187,7 +187,8 @@ def add(name, shape):
 
 @V10
 @pytest.mark.parametrize("edit, message", [
-    (drop("decoder.block.1.layer.2.DenseReluDense.wo.weight"), "decoder.block.1.layer.2.DenseReluDense.wo.weight: missing"),
+    (drop("decoder.block.1.layer.2.DenseReluDense.wo.weight"),
+     "decoder.block.1.layer.2.DenseReluDense.wo.weight: missing"),
     (drop("shared.weight"), "shared.weight: missing"),
     (add("encoder.block.2.layer.0.SelfAttention.q.weight", (32, 32)),
      "unexpected tensors (is this a T5 checkpoint of this config?): encoder.block.2.layer.0.SelfAttention.q.weight"),
