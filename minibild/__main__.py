@@ -3,7 +3,8 @@
     python -m minibild "El principio de la sabiduría es el temor de Jehová."
     python -m minibild --mode large < sentences.txt > translations.txt
 
-Prints exactly one line per input on stdout; progress, statistics and traces go to stderr.
+Prints exactly one line per input on stdout (a blank one for a blank input line); progress, statistics
+and traces go to stderr.
 """
 import argparse
 import sys
