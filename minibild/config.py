@@ -46,6 +46,14 @@ class T5Config:
         if self.relative_attention_num_buckets < 4:
             raise ValueError("T5Config.relative_attention_num_buckets must be at least 4 "
                              f"(half exact, half logarithmic, both directions), got {self.relative_attention_num_buckets}")
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            # The decoder's buckets are exact below num_buckets // 2 and logarithmic in distance / max_distance
+            # above it: a max_distance not beyond the exact range makes that logarithm's base <= 1, and the
+            # bucket of a long enough distance negative. (The encoder's exact range is half as long.)
+            raise ValueError("T5Config.relative_attention_max_distance must exceed relative_attention_num_buckets // 2 "
+                             f"(the distances bucketed exactly), got relative_attention_max_distance="
+                             f"{self.relative_attention_max_distance} with relative_attention_num_buckets="
+                             f"{self.relative_attention_num_buckets}")
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:

@@ -204,9 +204,30 @@ def test_config_from_dict_fills_derived_defaults():
     ({"d_model": "512"}, "d_model must be a positive integer, got '512'"),
     ({"num_layers": True}, "num_layers must be a positive integer, got True"),
     ({"relative_attention_num_buckets": 2}, "relative_attention_num_buckets must be at least 4"),
+    ({"relative_attention_num_buckets": 32, "relative_attention_max_distance": 16},
+     r"relative_attention_max_distance must exceed relative_attention_num_buckets // 2 .*, got "
+     r"relative_attention_max_distance=16 with relative_attention_num_buckets=32"),
     ({"vocab_size": 10, "eos_token_id": 10}, r"eos_token_id must be a token id in \[0, 10\), got 10"),
     ({"decoder_start_token_id": -1}, "decoder_start_token_id must be a token id"),
 ])
 def test_config_from_dict_errors_name_the_source_and_field(fields, message):
     with pytest.raises(ValueError, match=rf"^some/config\.json: .*{message}"):
         T5Config.from_dict(fields, source="some/config.json")
+
+
+@settings(max_examples=100, deadline=None)
+@given(num_buckets=st.integers(4, 64), max_distance=st.integers(1, 100))
+def test_config_refuses_exactly_the_bucket_settings_that_break(num_buckets, max_distance):
+    """Buckets stay in [0, num_buckets) at every distance, in both directions, iff max_distance exceeds
+    num_buckets // 2 (the decoder's exact range; the encoder's is half as long). Below it the log-spaced
+    buckets turn negative within a few thousand positions (the first forward dies with an IndexError)."""
+    relative = torch.arange(-5000, 5001)
+    works = all(0 <= b.min() and b.max() < num_buckets
+                for b in (relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+                          for bidirectional in (True, False)))
+    fields = dict(relative_attention_num_buckets=num_buckets, relative_attention_max_distance=max_distance)
+    if works:
+        T5Config(**fields)
+    else:
+        with pytest.raises(ValueError, match="relative_attention_max_distance must exceed"):
+            T5Config(**fields)
