@@ -343,17 +343,6 @@ class T5(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight  # (V, d_model)
         return F.linear(h, weight)  # (B, T, V)
 
-    def use_column_major_weights(self):
-        """Store each weight matrix that has at least as many rows as columns (LM head, embedding, q/k/v/o,
-        wi) column-major, as the transpose of a contiguous (in, out) tensor; shapes and values are unchanged.
-        One decoder token is one row times each matrix, and CPU BLAS (MKL) reads a matrix up to 2x faster
-        in this layout than in nn.Linear's row-major (out, in). `minibild.load` calls this; returns self."""
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[0] >= module.weight.shape[1]:
-                    module.weight.set_(module.weight.t().contiguous().t())
-        return self
-
     def forward(self, input_ids, decoder_input_ids, attention_mask=None):
         """Full, uncached forward: (B, S) source and (B, T) decoder ids -> logits (B, T, V)."""
         cache = self.new_cache(self.encode(input_ids, attention_mask), attention_mask,

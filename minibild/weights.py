@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import T5Config
 from .model import T5
@@ -134,7 +135,19 @@ def build(config: T5Config, tensors: dict, source, device=None, dtype=None, name
     with torch.device("meta"):
         model = T5(config)
     model.load_state_dict(tensors, assign=True)  # assign: take the tensors as they are, no copy
-    return model.to(device=device, dtype=dtype).eval().use_column_major_weights()
+    return use_column_major(model.to(device=device, dtype=dtype).eval())
+
+
+def use_column_major(model: T5) -> T5:
+    """Store each weight matrix that has at least as many rows as columns (LM head, embedding, q/k/v/o, wi)
+    column-major, as the transpose of a contiguous (in, out) tensor; shapes and values are unchanged. One
+    decoder token is one row times each matrix, and CPU BLAS (MKL) reads a matrix up to 2x faster in this
+    layout than in nn.Linear's row-major (out, in). `build` applies it to every model it loads; returns model."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[0] >= module.weight.shape[1]:
+                module.weight.set_(module.weight.t().contiguous().t())
+    return model
 
 
 def tokenizer_path(path) -> Path | None:
