@@ -275,6 +275,18 @@ class KVCache:
         self.length = self.exit_length = n
 
 
+def check_ids(name: str, ids, vocab_size: int | None = None):
+    """Refuse anything but a non-empty integer tensor (B, T); with vocab_size, ids outside [0, vocab_size) too.
+    The range check reads the values (a host sync on a GPU): run it once per source, not on every decode step."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"{name} must be an integer tensor [batch, length], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty: {tuple(ids.shape)}")
+    if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size}): min {ids.min().item()}, max {ids.max().item()}")
+
+
 class T5(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
@@ -285,19 +297,9 @@ class T5(nn.Module):
         # t5 v1.0 reuses the embedding as LM head; v1.1, flan-t5 and mT5 have their own.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def _check_ids(self, name, ids):
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
-            raise ValueError(f"{name} must be an integer tensor [batch, length], got "
-                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
-        if ids.numel() == 0:
-            raise ValueError(f"{name} is empty: {tuple(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"{name} holds ids outside [0, {self.config.vocab_size}): "
-                             f"min {ids.min().item()}, max {ids.max().item()}")
-
     def encode(self, input_ids, attention_mask=None):
         """Source ids (B, S), mask 1 for tokens and 0 for padding -> encoder output (B, S, d_model)."""
-        self._check_ids("input_ids", input_ids)
+        check_ids("input_ids", input_ids, self.config.vocab_size)
         return self.encoder(self.embed(input_ids), self._padding_bias(attention_mask, *input_ids.shape))
 
     def _padding_bias(self, attention_mask, batch: int, length: int):
@@ -332,8 +334,9 @@ class T5(nn.Module):
             raise ValueError(f"exit_layer must be in [1, {n - 1}] for a model of {n} decoder layers, got {exit_layer}")
 
     def decode(self, decoder_input_ids, cache: KVCache):
-        """Feed T >= 1 new decoder tokens (B, T) after the cache's positions -> logits (B, T, V)."""
-        self._check_ids("decoder_input_ids", decoder_input_ids)
+        """Feed T >= 1 new decoder tokens (B, T) after the cache's positions -> logits (B, T, V). The ids are
+        not range-checked here (that would sync a GPU on every step): encode and the decoding loops check."""
+        check_ids("decoder_input_ids", decoder_input_ids)
         return self.logits(self.decoder(self.embed(decoder_input_ids), cache))
 
     def logits(self, h):
@@ -377,7 +380,7 @@ class EarlyExit:
 
     def decode(self, decoder_input_ids, view: "EarlyExitCache"):
         """Feed T >= 1 new tokens after the view's positions -> logits (B, T, V) at the exit layer."""
-        self.large._check_ids("decoder_input_ids", decoder_input_ids)
+        check_ids("decoder_input_ids", decoder_input_ids)
         decoder = self.large.decoder
         return self.head(decoder.run_exit_layers(decoder.dropout(self.large.embed(decoder_input_ids)), view.cache))
 

@@ -8,7 +8,7 @@ from hf_oracle import EOS, hf_greedy, hf_logits, make_batch, rel_diff
 from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from minibild import T5Config, greedy
+from minibild import T5, T5Config, greedy
 from minibild.model import relative_position_bucket
 
 
@@ -166,10 +166,24 @@ def test_encode_rejects_bad_inputs(checkpoint):
     input_ids, mask, _ = batch_for(checkpoint)
     with pytest.raises(ValueError, match="input_ids holds ids outside"):
         model.encode(input_ids + checkpoint.config["vocab_size"], mask)
+    with pytest.raises(ValueError, match=r"input_ids holds ids outside \[0, \d+\): min -1"):
+        greedy(model, input_ids - 1, 4, mask)
     with pytest.raises(ValueError, match="input_ids must be an integer tensor"):
         model.encode(input_ids.float(), mask)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model.encode(input_ids, mask[:, :-1])
+
+
+def test_decode_never_reads_the_ids_values():
+    """A range check on every decode step would sync a GPU each token: decode checks shape and type only (on the
+    meta device, which holds no values, any read fails)."""
+    config = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with torch.device("meta"):
+        model = T5(config).eval()
+        cache = model.new_cache(torch.empty(1, 5, config.d_model), max_length=4)
+        assert model.decode(torch.zeros(1, 3, dtype=torch.long), cache).shape == (1, 3, config.vocab_size)
+        with pytest.raises(ValueError, match="decoder_input_ids must be an integer tensor"):
+            model.decode(torch.zeros(1, 1), cache)
 
 
 # --- T5Config -----------------------------------------------------------------------------------------
