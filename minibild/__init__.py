@@ -1,7 +1,8 @@
 """minibild: a reference implementation of Big Little Decoder (BiLD) speculative decoding for T5."""
 from .config import T5Config
 from .generate import greedy
-from .model import T5, EarlyExit, KVCache
+from .early_exit import EarlyExit
+from .model import T5, KVCache
 from .tokenizer import Tokenizer
 from .weights import load, save
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import bild
-from .model import EarlyExit
+from .early_exit import EarlyExit
 from .modes import MODES, Mode
 from .progress import progress
 from .tokenizer import Tokenizer

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import T5, EarlyExit
+from .early_exit import EarlyExit
+from .model import T5
 
 
 @dataclass
@@ -151,10 +152,9 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float = 0.6
     eos = large.config.eos_token_id
     # A large call feeds the whole of y when it verifies a tail ending at the cap: max_new_tokens + 1 positions.
     if isinstance(small, EarlyExit):
-        # The small model is the large one's first layers: one encoder pass, one shared cache.
-        large_cache = large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1,
-                                      exit_layer=small.exit_layer)
-        small_cache = small.cache_view(large_cache)
+        # The small model is the large one's first layers: one encoder pass and one cache for both, on which
+        # the large model starts at the exit layer wherever the small one has run (see early_exit.py).
+        large, large_cache, small_cache = small.share_cache(input_ids, max_length=max_new_tokens + 1)
     else:
         large_cache = large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1)
         small_cache = small.new_cache(small.encode(input_ids), max_length=max_new_tokens + 1)

@@ -202,17 +202,8 @@ class Decoder(nn.Module):
 
     def forward(self, x, cache: "KVCache"):
         """Embedded tokens (B, T, d_model) at positions P.. (P = cache.length) -> final hidden states."""
-        x = self.dropout(x)
         P, T = cache.length, x.shape[1]
-        k = cache.exit_layer
-        if k is None:
-            x = self.run_layers(x, cache, P, range(len(self.layers)))
-        else:
-            # The early-exit model may already have run the first k layers for some of these positions
-            # (up to cache.exit_length): take their output from the cache, run the rest, then the top layers.
-            if cache.exit_length < P + T:
-                self.run_exit_layers(x[:, cache.exit_length - P:], cache)
-            x = self.run_layers(cache.exit_hidden[:, P:P + T], cache, P, range(k, len(self.layers)))
+        x = self.run_layers(self.dropout(x), cache, P, range(len(self.layers)))
         cache.length = P + T  # every layer has written positions P..P+T-1
         return self.dropout(self.final_norm(x))
 
@@ -224,13 +215,6 @@ class Decoder(nn.Module):
             x = self.layers[i](x, cache, i, start, self_bias)
         return x
 
-    def run_exit_layers(self, x, cache: "KVCache"):
-        """Run the first cache.exit_layer layers for new positions exit_length..; keep their output."""
-        start, T = cache.exit_length, x.shape[1]
-        cache.exit_hidden[:, start:start + T] = self.run_layers(x, cache, start, range(cache.exit_layer))
-        cache.exit_length = start + T
-        return cache.exit_hidden[:, start:start + T]
-
 
 class KVCache:
     """The decoder's state for one batch of sources.
@@ -238,14 +222,9 @@ class KVCache:
     Self-attention keys/values sit in buffers preallocated for `max_length` positions; only the first
     `length` are valid, so crop(n) is O(1) and later decoding simply overwrites the dropped positions.
     Cross-attention keys/values are computed once from the encoder output and never change.
-
-    With `exit_layer` k set, the cache also serves an early-exit model (the first k layers of this one):
-    positions up to `exit_length` >= `length` have been through the first k layers, whose keys/values
-    and output (`exit_hidden`) both models read, so neither computes them twice.
     """
 
-    def __init__(self, cross_keys, cross_values, cross_bias, max_length: int, d_model: int,
-                 exit_layer: int | None = None):
+    def __init__(self, cross_keys, cross_values, cross_bias, max_length: int):
         B, H, _, D = cross_keys[0].shape
         like = cross_keys[0]
         self.cross_keys, self.cross_values = cross_keys, cross_values  # per layer (B, H, S, D)
@@ -254,9 +233,6 @@ class KVCache:
         self.values = [like.new_empty(B, H, max_length, D) for _ in cross_keys]
         self.max_length = max_length
         self.length = 0  # decoder positions held by every layer
-        self.exit_layer = exit_layer
-        self.exit_length = 0  # decoder positions held by the first exit_layer layers
-        self.exit_hidden = None if exit_layer is None else like.new_empty(B, max_length, d_model)  # their output
 
     def update(self, layer: int, start: int, k, v):
         """Write keys/values of positions start.. ; return the layer's keys/values up to the last one."""
@@ -269,10 +245,10 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def crop(self, n: int):
-        """Keep the first n decoder positions, dropping the rest (in the early-exit layers too)."""
+        """Keep the first n decoder positions, dropping the rest."""
         if not 0 <= n <= self.length:
             raise ValueError(f"crop({n}): the cache holds {self.length} positions; n must be in [0, {self.length}]")
-        self.length = self.exit_length = n
+        self.length = n
 
 
 def check_ids(name: str, ids, vocab_size: int | None = None):
@@ -314,24 +290,13 @@ class T5(nn.Module):
         padding = (attention_mask == 0).to(weight.device)[:, None, None, :]
         return bias.masked_fill(padding, torch.finfo(weight.dtype).min)
 
-    def new_cache(self, encoder_output, attention_mask=None, max_length: int = 512,
-                  exit_layer: int | None = None) -> KVCache:
-        """An empty decoder cache for these encoded sources, holding up to max_length decoder positions;
-        exit_layer k also keeps the output of the first k decoder layers (for EarlyExit)."""
+    def new_cache(self, encoder_output, attention_mask=None, max_length: int = 512) -> KVCache:
+        """An empty decoder cache for these encoded sources, holding up to max_length decoder positions."""
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
-        if exit_layer is not None:
-            self.check_exit_layer(exit_layer)
         cross = [layer.cross_attn.keys_values(encoder_output) for layer in self.decoder.layers]
         cross_bias = self._padding_bias(attention_mask, *encoder_output.shape[:2])
-        return KVCache([k for k, _ in cross], [v for _, v in cross], cross_bias, max_length, self.config.d_model,
-                       exit_layer)
-
-    def check_exit_layer(self, exit_layer: int):
-        """An early exit needs at least one decoder layer below it and one above."""
-        n = self.config.num_decoder_layers
-        if not 1 <= exit_layer < n:
-            raise ValueError(f"exit_layer must be in [1, {n - 1}] for a model of {n} decoder layers, got {exit_layer}")
+        return KVCache([k for k, _ in cross], [v for _, v in cross], cross_bias, max_length)
 
     def decode(self, decoder_input_ids, cache: KVCache):
         """Feed T >= 1 new decoder tokens (B, T) after the cache's positions -> logits (B, T, V). The ids are
@@ -352,57 +317,3 @@ class T5(nn.Module):
                                max_length=decoder_input_ids.shape[1])
         return self.decode(decoder_input_ids, cache)
 
-
-class EarlyExit:
-    """BiLD's early-exit small model: the large model's first `exit_layer` decoder layers, then its
-    final layer norm and LM head. It owns no weights and runs no encoder. It decodes in the large
-    model's own cache (made with the same exit_layer), extending the first layers' keys/values and
-    their output there; the large model then reads those instead of recomputing them, and a rollback
-    crops the one cache for both models (see KVCache)."""
-
-    def __init__(self, large: T5, exit_layer: int):
-        large.check_exit_layer(exit_layer)
-        self.large, self.exit_layer = large, exit_layer
-        self.config, self.embed = large.config, large.embed  # what makes it a valid BiLD partner
-
-    def encode(self, input_ids, attention_mask=None):
-        return self.large.encode(input_ids, attention_mask)
-
-    def new_cache(self, encoder_output, attention_mask=None, max_length: int = 512) -> "EarlyExitCache":
-        """A cache of its own, for decoding alone (greedy); BiLD instead gives it the large model's (cache_view)."""
-        return self.cache_view(self.large.new_cache(encoder_output, attention_mask, max_length, self.exit_layer))
-
-    def cache_view(self, cache: KVCache) -> "EarlyExitCache":
-        if cache.exit_layer != self.exit_layer:
-            raise ValueError(f"the large model's cache keeps layer {cache.exit_layer}'s output, this early-exit "
-                             f"model needs layer {self.exit_layer}'s: make it with exit_layer={self.exit_layer}")
-        return EarlyExitCache(cache)
-
-    def decode(self, decoder_input_ids, view: "EarlyExitCache"):
-        """Feed T >= 1 new tokens after the view's positions -> logits (B, T, V) at the exit layer."""
-        check_ids("decoder_input_ids", decoder_input_ids)
-        decoder = self.large.decoder
-        return self.head(decoder.run_exit_layers(decoder.dropout(self.large.embed(decoder_input_ids)), view.cache))
-
-    def head(self, h):
-        """Output of the exit layer (B, T, d_model) -> logits, through the large model's final norm and head."""
-        decoder = self.large.decoder
-        return self.large.logits(decoder.dropout(decoder.final_norm(h)))
-
-
-class EarlyExitCache:
-    """The early-exit model's view of the large model's cache: it holds what the first layers hold."""
-
-    def __init__(self, cache: KVCache):
-        self.cache, self.cross_bias = cache, cache.cross_bias
-
-    @property
-    def length(self) -> int:
-        return self.cache.exit_length
-
-    def crop(self, n: int):
-        if not 0 <= n <= self.length:
-            raise ValueError(f"crop({n}): the early-exit layers hold {self.length} positions; n must be in "
-                             f"[0, {self.length}]")
-        # A position dropped from the first layers is dropped from the top ones, which were computed from it.
-        self.cache.exit_length, self.cache.length = n, min(self.cache.length, n)

@@ -127,11 +127,14 @@ def loss_fn(model, batch, label_smoothing: float, exit_layer: int = 0, exit_weig
                                label_smoothing=label_smoothing)
 
     mask, T = batch["attention_mask"], batch["decoder_input_ids"].shape[1]
-    cache = model.new_cache(model.encode(batch["input_ids"], mask), mask, T, exit_layer=exit_layer or None)
-    loss = cross_entropy(model.decode(batch["decoder_input_ids"], cache))
-    if exit_layer:
-        loss = loss + exit_weight * cross_entropy(minibild.EarlyExit(model, exit_layer).head(cache.exit_hidden))
-    return loss
+    encoded = model.encode(batch["input_ids"], mask)
+    if not exit_layer:
+        return cross_entropy(model.decode(batch["decoder_input_ids"], model.new_cache(encoded, mask, T)))
+    # On a cache shared with the early-exit model, the large model's pass keeps the exit layer's output.
+    early_exit = minibild.EarlyExit(model, exit_layer)
+    cache = early_exit.new_shared_cache(encoded, mask, T)
+    loss = cross_entropy(early_exit.shared_large.decode(batch["decoder_input_ids"], cache))
+    return loss + exit_weight * cross_entropy(early_exit.head(cache.exit_hidden))
 
 
 @torch.no_grad()
