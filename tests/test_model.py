@@ -9,6 +9,7 @@ from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from minibild import T5, T5Config, greedy
+from minibild import model as model_module
 from minibild.model import relative_position_bucket
 
 
@@ -92,6 +93,27 @@ def test_fp16_is_as_accurate_as_hf_fp16(checkpoint):
     ours = ours.float()
     assert rel_diff(exact, ours) <= 2 * rel_diff(exact, theirs)
     assert rel_diff(exact.softmax(-1), ours.softmax(-1)) <= 2 * rel_diff(exact.softmax(-1), theirs.softmax(-1))
+
+
+def test_fp16_overflow_is_clamped_as_in_hf(checkpoint, monkeypatch):
+    """Feed-forward outputs scaled past float16's range (65504; up to ~4e5 in float32 here) overflow the residual
+    stream: like transformers, minibild clamps it after each sublayer, and the two agree. transformers runs
+    wholly in float16 here: loaded in float16 it keeps `wo` in float32, which keeps its residual stream in
+    float32 and out of this code path."""
+    hf, model = checkpoint.hf(torch.float32), checkpoint.minibild(torch.float16)
+    with torch.no_grad():
+        for stack, layer, index in (("encoder", model.encoder.layers[0], 1), ("decoder", model.decoder.layers[0], 2)):
+            hf.get_parameter(f"{stack}.block.0.layer.{index}.DenseReluDense.wo.weight").mul_(2.0 ** 14)
+            layer.ff.wo.weight.mul_(2.0 ** 14)  # a power of 2: the same float16 weights in both
+    input_ids, mask, decoder_ids = batch_for(checkpoint)
+    theirs = hf_logits(hf.half(), input_ids, mask, decoder_ids).float()
+    with torch.no_grad():
+        ours = model(input_ids, decoder_ids, mask)
+        assert torch.isfinite(ours).all()
+        assert rel_diff(theirs, ours.float()) <= 2e-2
+        assert (theirs.softmax(-1) - ours.float().softmax(-1)).abs().max() <= 2e-2
+        monkeypatch.setattr(model_module, "clamp_fp16", lambda x: x)
+        assert not torch.isfinite(model(input_ids, decoder_ids, mask)).all(), "nothing overflowed: the test is void"
 
 
 # --- the KV cache against the uncached forward -------------------------------------------------------
