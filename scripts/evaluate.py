@@ -485,8 +485,8 @@ def run(args):
         print(format_table(report))
         for line in exactness_lines(report, len(sources)):
             print(line)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+        if args.json:  # after every dtype: a run stopped later keeps the finished ones
+            Path(args.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
