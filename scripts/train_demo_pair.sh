@@ -13,7 +13,7 @@
 # first two layers are a usable early-exit small model. The candidate with the higher dev BLEU becomes
 # weights/large; both logs say why. `align` generates the calibration set with weights/large and fine-tunes
 # the small model on it for MINUTES (default 2) into weights/aligned-small, with the hyperparameters of the
-# CPU run that made the shipped one (README, prediction alignment).
+# CPU run that made the shipped one (docs/TRAINING.md).
 # Every training run resumes from RUNS/<name>/checkpoint.pt, so a CPU run can be continued by running
 # the same command again. For smoke tests: BLEU_LIMIT=N scores only the first N dev pairs, and
 # CALIBRATION_LIMIT=N aligns on the first N training sources only.
