@@ -43,7 +43,7 @@ from minibild import T5, EarlyExit, Tokenizer, load  # noqa: E402
 from minibild.__main__ import DTYPES, UsageError, pick_device  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.progress import progress  # noqa: E402
-from minibild.weights import tokenizer_path  # noqa: E402
+from minibild.weights import load_tokenizer, tokenizer_path  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_SYSTEMS = ["large", "small", "bild:0.6,5", "bild:0.6,0", "speculative:5"]
@@ -111,11 +111,16 @@ def load_small(large, small_path, device, dtype, exit_layer: int = 0):
 
 def load_pair(large_path, small_path, device, dtype, exit_layer: int = 0) -> tuple:
     """The large and small models (see load_small; None without small_path and exit_layer) and the tokenizer
-    stored beside the large one (None if there is none)."""
+    stored beside the large one (None if there is none, as for random weights timed on --synthetic sources),
+    refused unless the small model stores the same one and it fits both models."""
     large = load(large_path, device=device, dtype=dtype)
     small = load_small(large, small_path, device, dtype, exit_layer) if small_path or exit_layer else None
-    spiece = tokenizer_path(large_path)
-    return large, small, Tokenizer(spiece) if spiece else None
+    if tokenizer_path(large_path) is None:
+        return large, small, None
+    models = {"large": (large_path, large.config)}
+    if small_path and not exit_layer:
+        models["small"] = (small_path, small.config)
+    return large, small, load_tokenizer(models)
 
 
 def load_hf(path, device, dtype):

@@ -31,6 +31,7 @@ from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, e
                       format_table, load_pair, load_small, minibild_system, parse_system, read_sources,
                       report_errors, start)
 from minibild.modes import Mode
+from minibild.weights import load_tokenizer
 
 DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
 DEFAULT_ROLLBACK = [1.0, 2.0, 3.0, 5.0, 8.0]
@@ -178,6 +179,9 @@ def run(args):
                                   0 if variants else args.exit_layer)
     smalls = {name: load_small(large, path, device, dtype, k) for name, path, k in variants} or \
         {"": small}  # no --variant: the one small model of --small or --exit-layer, labels unprefixed
+    if tok is not None and any(path for _, path, _ in variants):  # every variant must tokenize as the large one
+        load_tokenizer({"large": (args.large, large.config),
+                        **{name: (path, smalls[name].config) for name, path, _ in variants if path}})
     sources, references = read_sources(args.split, args.limit, tok, args.large)
     if references is None:
         raise UsageError(f"{args.split}: every line needs a 'reference' to score the systems' quality")

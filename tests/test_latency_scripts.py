@@ -138,6 +138,18 @@ def test_evaluate_refuses(pair, tmp_path, capsys, arguments, message):
     assert err.startswith("evaluate: error: ") and message in err and err.count("\n") == 1
 
 
+def test_evaluate_and_sweep_refuse_a_small_model_with_another_tokenizer(pair, tmp_path, capsys):
+    other = minibild.save(minibild.load(pair / "small"), tmp_path / "other-tokenizer")
+    (other / "spiece.model").write_bytes(b"another sentencepiece model")
+    split = ["--split", str(pair / "dev.jsonl"), "--large", str(pair / "large"), "--no-progress"]
+    assert evaluate_main([*split, "--small", str(other)]) == 2
+    assert sweep_main([*split, "--variant", f"a={pair / 'small'}", "--variant", f"b={other}",
+                       "--out", str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("evaluate: error: the large and small models have different tokenizers")
+    assert err[1].startswith("sweep: error: the large and b models have different tokenizers")
+
+
 # --- sweep.py ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("metric", ["bleu", "rougeL"])
