@@ -37,10 +37,12 @@ def parse_args(argv):
     p.add_argument("--mode", choices=MODES, default="bild",
                    help="bild: BiLD; large/small: greedy with one model; speculative: greedy speculative "
                         "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0)")
-    p.add_argument("--fallback-threshold", type=float, default=0.6, help="alpha_FB (default 0.6)")
-    p.add_argument("--rollback-threshold", type=float, default=5.0, help="alpha_RB (default 5.0)")
-    p.add_argument("--max-small-steps", type=int, default=10, help="N (default 10)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD,
+                   help="alpha_FB (default %(default)s)")
+    p.add_argument("--rollback-threshold", type=float, default=bild.ROLLBACK_THRESHOLD,
+                   help="alpha_RB (default %(default)s)")
+    p.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS, help="N (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
     p.add_argument("--max-input-tokens", type=int, default=512,
                    help="refuse inputs longer than this many tokens (default 512) instead of truncating them")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -12,10 +12,10 @@ MODES = ("bild", "large", "small", "speculative")
 class Mode:
     """A decoding mode with its settings; `speculative` uses max_small_steps as its draft length k."""
     name: str = "bild"
-    fallback_threshold: float = 0.6
-    rollback_threshold: float = 5.0
-    max_small_steps: int = 10
-    max_new_tokens: int = 128
+    fallback_threshold: float = bild.FALLBACK_THRESHOLD
+    rollback_threshold: float = bild.ROLLBACK_THRESHOLD
+    max_small_steps: int = bild.MAX_SMALL_STEPS
+    max_new_tokens: int = bild.MAX_NEW_TOKENS
 
     def __post_init__(self):
         if self.name not in MODES:

@@ -45,6 +45,7 @@ import minibild  # noqa: E402
 import train  # noqa: E402
 from evaluate import (DTYPES, WEIGHTS, UsageError, common_arguments, decode_interleaved, device_name,  # noqa: E402
                       format_table, pick_device, read_split, report_errors, start, summarize, warm_up)
+from minibild import bild  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.weights import from_hf, save_hf, tokenizer_path  # noqa: E402
 from prepare_data import RESERVED_BOOKS, TEST_BOOKS  # noqa: E402
@@ -221,9 +222,9 @@ def main(argv=None) -> int:
                        add_help=False, conflict_handler="resolve")  # resolve: this --small replaces the shared one
     p.add_argument("--small", action="append", help="small model (minibild checkpoint folder); repeat to compare "
                                                     f"several (default: {WEIGHTS / 'small'})")
-    p.add_argument("--fallback-threshold", type=float, default=0.6)
-    p.add_argument("--rollback-threshold", type=float, default=5.0)
-    p.add_argument("--max-small-steps", type=int, default=10)
+    p.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD)
+    p.add_argument("--rollback-threshold", type=float, default=bild.ROLLBACK_THRESHOLD)
+    p.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS)
     p.add_argument("--json", help="also write the report here")
     p.set_defaults(func=agreement)
     args, rest = parser.parse_known_args(argv)

@@ -39,14 +39,15 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from minibild import T5, EarlyExit, Tokenizer, load  # noqa: E402
+from minibild import T5, EarlyExit, Tokenizer, bild, load  # noqa: E402
 from minibild.__main__ import DTYPES, UsageError, pick_device  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.progress import progress  # noqa: E402
 from minibild.weights import load_tokenizer, tokenizer_path  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_SYSTEMS = ["large", "small", "bild:0.6,5", "bild:0.6,0", "speculative:5"]
+DEFAULT_SYSTEMS = ["large", "small", f"bild:{bild.FALLBACK_THRESHOLD:g},{bild.ROLLBACK_THRESHOLD:g}",
+                   f"bild:{bild.FALLBACK_THRESHOLD:g},0", "speculative:5"]
 HF_SYSTEMS = ("hf-greedy", "hf-assisted")
 
 
@@ -62,7 +63,7 @@ def parse_system(spec: str, max_new_tokens: int) -> Mode:
             values = params.split(",")
             if len(values) not in (2, 3):
                 raise ValueError
-            n = int(values[2]) if len(values) == 3 else 10
+            n = int(values[2]) if len(values) == 3 else bild.MAX_SMALL_STEPS
             return Mode(name, float(values[0]), float(values[1]), n, max_new_tokens)
     except ValueError:
         pass
@@ -388,7 +389,7 @@ def report_errors(program: str, run, args) -> int:
 # --- this script -----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = common_arguments(__doc__, split="data/test.jsonl", max_new_tokens=128, several_dtypes=True)
+    p = common_arguments(__doc__, split="data/test.jsonl", max_new_tokens=bild.MAX_NEW_TOKENS, several_dtypes=True)
     p.add_argument("--systems", nargs="+", help=f"default: {' '.join(DEFAULT_SYSTEMS)}, and the hf systems "
                                                 "the --hf folders allow; large greedy is always added")
     p.add_argument("--hf-large", help="the large model's Hugging Face folder: adds hf-greedy")

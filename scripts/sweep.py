@@ -30,6 +30,7 @@ import torch
 from evaluate import (DTYPES, UsageError, bleu, common_arguments, device_name, evaluate, exactness_lines,
                       format_table, load_pair, load_small, minibild_system, parse_system, read_sources,
                       report_errors, start)
+from minibild import bild
 from minibild.modes import Mode
 from minibild.weights import load_tokenizer
 
@@ -146,7 +147,7 @@ def parse_args(argv):
     p = common_arguments(__doc__, split="data/dev.jsonl", max_new_tokens=256)
     p.add_argument("--fallback", nargs="+", type=float, default=DEFAULT_FALLBACK, help="fallback thresholds")
     p.add_argument("--rollback", nargs="+", type=float, default=DEFAULT_ROLLBACK, help="rollback thresholds")
-    p.add_argument("--n", nargs="+", type=int, default=[10], help="max small steps N")
+    p.add_argument("--n", nargs="+", type=int, default=[bild.MAX_SMALL_STEPS], help="max small steps N")
     p.add_argument("--k", type=int, default=5, help="draft tokens of the speculative decoding baseline")
     p.add_argument("--metric", choices=sorted(METRICS), default="bleu", help="rougeL when references are summaries")
     p.add_argument("--out", default="runs/sweep", help="writes OUT.json and OUT.png")
