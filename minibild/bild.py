@@ -154,6 +154,11 @@ def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollba
         raise ValueError("BiLD decodes one source at a time: input_ids must have shape (1, S), got "
                          f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
     check_ids("input_ids", input_ids, large.config.vocab_size)
+    check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
+
+
+def check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens):
+    """BiLD's four settings, checked before any model runs (the CLI checks them at start-up too)."""
     for name, value in (("fallback_threshold", fallback_threshold), ("rollback_threshold", rollback_threshold)):
         if not value >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {value}")

@@ -20,6 +20,9 @@ class Mode:
     def __post_init__(self):
         if self.name not in MODES:
             raise ValueError(f"unknown mode {self.name!r}; expected one of {', '.join(MODES)}")
+        # Checked here, so that the CLI refuses bad settings before it prints any output.
+        bild.check_settings(self.fallback_threshold, self.rollback_threshold, self.max_small_steps,
+                            self.max_new_tokens)
 
     @property
     def label(self) -> str:

@@ -113,6 +113,14 @@ def test_bad_input_gives_a_clear_error(capsys, args, message):
     assert status == 2 and out == "" and message in err and err.startswith("minibild: error:")
 
 
+@pytest.mark.parametrize("setting", [["--max-new-tokens", "0"], ["--max-small-steps", "0"],
+                                     ["--fallback-threshold", "nan"]])
+def test_bad_settings_are_refused_before_any_output(capsys, monkeypatch, setting):
+    # A leading blank line gives a blank output line at once, unless the settings are checked first.
+    status, out, err = run_cli(capsys, *setting, stdin="\nDios es amor.\n", monkeypatch=monkeypatch)
+    assert status == 2 and out == "" and err.startswith("minibild: error:"), (status, out, err)
+
+
 def tiny_checkpoint(folder, **config):
     """A random one-layer T5 saved with the shipped tokenizer; `config` overrides its T5Config fields."""
     config = minibild.T5Config(**{"vocab_size": 8000, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_layers": 1,

@@ -71,6 +71,7 @@ def test_minibild_save_load_round_trip(checkpoint, tmp_path):
         tokenizer = tmp_path / "any.model"
         tokenizer.write_bytes(b"sentencepiece bytes")
         reloaded = minibild.load(weights.save(model, tmp_path / str(dtype), tokenizer=tokenizer), dtype=dtype)
+        assert not any(m.training for m in reloaded.modules()), "load() must return a model in eval mode"
         assert_same_model(model, reloaded)
         assert torch.equal(logits(model, checkpoint), logits(reloaded, checkpoint))
         assert weights.tokenizer_path(tmp_path / str(dtype)).read_bytes() == b"sentencepiece bytes"
