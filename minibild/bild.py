@@ -71,53 +71,24 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float = FAL
         logits = model.decode(torch.tensor([fed], device=cache.cross_bias.device), cache)[0]
         return start, fed, logits
 
-    def done():
-        return y[-1] == eos or len(y) - 1 == max_new_tokens
-
     while True:
-        # Large phase. The large cache holds y[:verified - 1], so fed = last verified token + pending tokens,
-        # and logits row i is p_L at position verified + i.
-        start, fed, logits = feed(large, large_cache)
-        argmax = logits.argmax(-1).tolist()
-        log_probs = _log_probs(logits)
-        pending = y[verified:]
-        cross_entropy = [-log_probs[i, y_j].item() for i, y_j in enumerate(pending)]
-        rejected = [verified + i for i, y_j in enumerate(pending)
-                    if y_j != argmax[i] and cross_entropy[i] > rollback_threshold]
-        if rejected:  # rollback at the first rejected position j
-            j = rejected[0]
-            del y[j:]
-            large_cache.crop(j)
-            small_cache.crop(min(small_cache.length, j))
-            y.append(argmax[j - verified])
-            trace.append(LargeStep(start, fed, argmax, cross_entropy, "rollback", rollback_at=j, appended=y[-1]))
-        elif done():  # all pending tokens accepted, and y is complete
-            trace.append(LargeStep(start, fed, argmax, cross_entropy, "accept", rollback_at=None, appended=None))
-        else:  # all pending tokens accepted, then the large model's own prediction beyond
-            y.append(argmax[-1])
-            trace.append(LargeStep(start, fed, argmax, cross_entropy, "accept", rollback_at=None, appended=y[-1]))
+        # Large phase: one call over the last verified token and every pending one.
+        step = verify(y, verified, *feed(large, large_cache), rollback_threshold, eos, max_new_tokens)
+        if step.decision == "rollback":  # both caches keep y[:j] at most
+            large_cache.crop(step.rollback_at)
+            small_cache.crop(min(small_cache.length, step.rollback_at))
+        trace.append(step)
         verified = len(y)
-        if done():
+        if ended(y, eos, max_new_tokens):
             break
 
         # Small phase, one call per token. The first call catches up in one go: the large model's token,
         # and the last pending token when the small model proposed but never fed it.
         while True:
-            start, fed, logits = feed(small, small_cache)
-            token = logits[-1].argmax().item()
-            prob = _log_probs(logits[-1])[token].exp().item()
-            if prob < fallback_threshold:
-                decision = "fallback"  # discarded: the large model produces this position itself
-            else:
-                y.append(token)
-                if len(y) - verified == max_small_steps:
-                    decision = "handover"
-                elif done():
-                    decision = "end"
-                else:
-                    decision = "pending"
-            trace.append(SmallStep(start, fed, token, prob, decision))
-            if decision != "pending":
+            step = propose(y, verified, *feed(small, small_cache), fallback_threshold, max_small_steps, eos,
+                           max_new_tokens)
+            trace.append(step)
+            if step.decision != "pending":
                 break
 
     return BiLDResult(y[1:], BiLDStats.of(trace), trace)
@@ -128,6 +99,45 @@ def speculative(large: T5, small: T5, input_ids, k: int, max_new_tokens: int = M
     case: the small model always drafts k tokens and the large model keeps exactly its own argmax."""
     return generate(large, small, input_ids, fallback_threshold=0.0, rollback_threshold=0.0,
                     max_small_steps=k, max_new_tokens=max_new_tokens)
+
+
+def ended(y: list[int], eos: int, max_new_tokens: int) -> bool:
+    """y (decoder-start token first) is complete: it ends with EOS or holds max_new_tokens new tokens."""
+    return y[-1] == eos or len(y) - 1 == max_new_tokens
+
+
+def verify(y: list[int], verified: int, start: int, fed: list[int], logits, rollback_threshold: float, eos: int,
+           max_new_tokens: int) -> LargeStep:
+    """The large phase's decision, applied to y in place. The large model was fed y[start:] (the last verified
+    token, then the pending ones y[verified:]); logits (T, V): row i is p_L at position verified + i."""
+    argmax = logits.argmax(-1).tolist()
+    log_probs = _log_probs(logits)
+    pending = y[verified:]
+    cross_entropy = [-log_probs[i, y_j].item() for i, y_j in enumerate(pending)]
+    rejected = [verified + i for i, y_j in enumerate(pending)
+                if y_j != argmax[i] and cross_entropy[i] > rollback_threshold]
+    if rejected:  # rollback at the first rejected position j; the caller crops both caches to j
+        j = rejected[0]
+        del y[j:]
+        y.append(argmax[j - verified])
+        return LargeStep(start, fed, argmax, cross_entropy, "rollback", rollback_at=j, appended=y[-1])
+    if ended(y, eos, max_new_tokens):  # all pending tokens accepted, and y is complete
+        return LargeStep(start, fed, argmax, cross_entropy, "accept", rollback_at=None, appended=None)
+    y.append(argmax[-1])  # all pending tokens accepted, then the large model's own prediction beyond
+    return LargeStep(start, fed, argmax, cross_entropy, "accept", rollback_at=None, appended=y[-1])
+
+
+def propose(y: list[int], verified: int, start: int, fed: list[int], logits, fallback_threshold: float,
+            max_small_steps: int, eos: int, max_new_tokens: int) -> SmallStep:
+    """One small step's decision, applied to y in place; logits (T, V) of the small model fed y[start:]."""
+    token = logits[-1].argmax().item()
+    prob = _log_probs(logits[-1])[token].exp().item()
+    if prob < fallback_threshold:
+        return SmallStep(start, fed, token, prob, "fallback")  # discarded: the large model produces this position
+    y.append(token)
+    if len(y) - verified == max_small_steps:
+        return SmallStep(start, fed, token, prob, "handover")
+    return SmallStep(start, fed, token, prob, "end" if ended(y, eos, max_new_tokens) else "pending")
 
 
 def _log_probs(logits):

@@ -38,7 +38,7 @@ class EarlyExitCache:
         self.kv.crop(n)
         self.exit_length = n
 
-    def update(self, layer: int, start: int, k, v):
+    def positions(self, start: int, T: int):
         # Only reached when T5.decode is given this cache: it would recompute the first layers and leave
         # exit_hidden and exit_ids describing other tokens.
         raise TypeError("an EarlyExitCache is decoded by its EarlyExit model and by that model's shared_large, "

@@ -70,17 +70,17 @@ class RelativePositionBias(nn.Module):
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
 
-    def forward(self, query_start: int, query_length: int, key_length: int):
-        device = self.weight.device
-        query_position = torch.arange(query_start, query_start + query_length, device=device)[:, None]
-        key_position = torch.arange(key_length, device=device)[None, :]
-        relative_position = key_position - query_position  # (T, K)
+    def forward(self, query_position, key_length: int):
+        """Queries at query_position, (T,) or one row of positions per batch row (B, T), over keys at positions
+        0..key_length-1 -> bias (1, H, T, K) or (B, H, T, K)."""
+        key_position = torch.arange(key_length, device=self.weight.device)
+        relative_position = key_position - query_position[..., None]  # (T, K) or (B, T, K)
         bucket = relative_position_bucket(relative_position, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = F.embedding(bucket, self.weight).permute(2, 0, 1)[None]  # (1, H, T, K)
+        bias = F.embedding(bucket, self.weight).movedim(-1, -3)  # (H, T, K) or (B, H, T, K)
         if not self.bidirectional:
-            # Causal mask for queries at query_start.. over keys 0..: a (T, P+T) mask, not a square one.
-            bias = bias.masked_fill(relative_position > 0, torch.finfo(bias.dtype).min)
-        return bias
+            # Causal mask for queries at P.. over keys 0..: a (T, P+T) mask, not a square one.
+            bias = bias.masked_fill(relative_position.unsqueeze(-3) > 0, torch.finfo(bias.dtype).min)
+        return bias if bias.dim() == 4 else bias[None]
 
 
 class Attention(nn.Module):
@@ -185,7 +185,7 @@ class Encoder(nn.Module):
 
     def forward(self, x, padding_bias):
         S = x.shape[1]
-        bias = self.relative_bias(0, S, S) + padding_bias  # (B, H, S, S): shared by every layer
+        bias = self.relative_bias(torch.arange(S, device=x.device), S) + padding_bias  # (B, H, S, S): every layer's
         x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, bias)
@@ -208,9 +208,10 @@ class Decoder(nn.Module):
         return self.dropout(self.final_norm(x))
 
     def run_layers(self, x, cache: "KVCache", start: int, layers: range):
-        """Hidden states (B, T, d_model) at positions start.. through `layers`, writing their keys/values."""
-        T = x.shape[1]
-        self_bias = self.relative_bias(start, T, start + T)  # (1, H, T, start+T), causal
+        """Hidden states (B, T, d_model) at positions start.. through `layers`, writing their keys/values.
+        (On batch.RaggedKVCache's view, start is one position per row and the cache says where each query sits.)"""
+        query_position, key_length = cache.positions(start, x.shape[1])
+        self_bias = self.relative_bias(query_position, key_length)  # (1, H, T, start+T), causal; (B, ...) per row
         for i in layers:
             x = self.layers[i](x, cache, i, start, self_bias)
         return x
@@ -233,6 +234,10 @@ class KVCache:
         self.values = [like.new_empty(B, H, max_length, D) for _ in cross_keys]
         self.max_length = max_length
         self.length = 0  # decoder positions held by every layer
+
+    def positions(self, start: int, T: int):
+        """Where T queries fed at start sit, (T,), and how many keys they see: start + T."""
+        return torch.arange(start, start + T, device=self.cross_bias.device), start + T
 
     def update(self, layer: int, start: int, k, v):
         """Write keys/values of positions start.. ; return the layer's keys/values up to the last one."""
