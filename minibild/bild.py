@@ -1,7 +1,8 @@
 """Big Little Decoder (BiLD): a small model drafts tokens, a large model verifies and corrects them.
 
 Kim et al., "Speculative Decoding with Big Little Decoder", NeurIPS 2023 (arXiv 2302.07863).
-Greedy decoding, batch size 1. The loop, in the paper's words:
+Greedy decoding, batch size 1 (batch.py decodes many sources at once, each row as here). The loop, in the
+paper's words:
 
 1. Encode the source once with each model's encoder.
 2. The large model produces the first token (a large phase with nothing pending).
@@ -147,6 +148,17 @@ def _log_probs(logits):
 
 def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollback_threshold,
                      max_small_steps, max_new_tokens):
+    check_pair(large, small)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError("BiLD decodes one source at a time: input_ids must have shape (1, S), got "
+                         f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}"
+                         "; bild.generate_batch decodes a batch")
+    check_ids("input_ids", input_ids, large.config.vocab_size)
+    check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
+
+
+def check_pair(large: T5, small: T5):
+    """The two models can decode together: eval mode, one vocabulary and special ids, one device and dtype."""
     if isinstance(small, EarlyExit) and small.large is not large:
         raise ValueError("the early-exit small model was built from another large model than the one given")
     check_eval("the large model", large)
@@ -160,11 +172,6 @@ def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollba
         raise ValueError(f"the large model is on {a.device}, the small model on {b.device}: move both to one device")
     if a.dtype != b.dtype:
         raise ValueError(f"the large model is {a.dtype}, the small model {b.dtype}: convert both to one dtype")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError("BiLD decodes one source at a time: input_ids must have shape (1, S), got "
-                         f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
-    check_ids("input_ids", input_ids, large.config.vocab_size)
-    check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
 
 
 def check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens):
@@ -174,3 +181,7 @@ def check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_
             raise ValueError(f"{name} must be >= 0, got {value}")
     check_count("max_small_steps", max_small_steps)
     check_count("max_new_tokens", max_new_tokens)
+
+
+# Batched BiLD (batch.py) takes this module's decisions, so it is imported last.
+from .batch import generate_batch  # noqa: E402, F401

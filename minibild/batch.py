@@ -1,0 +1,118 @@
+"""Batched BiLD: many sources decoded together, every row exactly as `bild.generate` decodes it alone.
+
+Rows are independent: batching changes when work happens, never what is decided. Each row keeps its own
+output y, its own count of verified tokens and its own trace, and takes bild.verify's and bild.propose's
+decisions on its own logits, so row i's tokens, stats and trace are those of bild.generate on row i alone
+(its unpadded source). Both models' caches are RaggedKVCaches (ragged.py): each row holds its own number of
+positions, a call feeds each row its own tokens at its own positions, and a rollback crops one row.
+
+Schedule. A row is waiting for the large model, in its small phase, or finished. Each iteration makes at
+most two calls:
+1. one large-model call over the rows waiting for it, each fed the tokens its large cache lacks (its last
+   verified token and its pending ones); each row then accepts or rolls back, and either finishes or
+   starts its small phase;
+2. one small-model call over the rows in their small phase (those the large call just handed back
+   included), each fed the tokens its small cache lacks; a row whose phase ends (fallback, handover, EOS
+   or the cap) waits for the next large call.
+A call index-selects its rows from the caches, so finished and waiting rows cost nothing; it pads its rows
+on the right to its longest one, and pays for it.
+
+Like bild.generate, an early-exit small model is batch-1 only (its shared cache has one length). Outputs
+match bild.generate's exactly in tokens, decisions and stats; a probability or cross-entropy in the trace
+can differ from batch-1's in its last bits (a batched matmul sums in another order), which in float64 moves
+no decision in practice; the tests compare those floats to 1e-9 relative.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ragged
+from .bild import (FALLBACK_THRESHOLD, MAX_NEW_TOKENS, MAX_SMALL_STEPS, ROLLBACK_THRESHOLD, BiLDResult, BiLDStats,
+                   check_pair, check_settings, ended, propose, verify)
+from .early_exit import EarlyExit
+from .model import T5, check_ids
+
+
+@dataclass
+class Row:
+    """One source's decoding state: bild.generate's local variables, kept per row."""
+    y: list[int]  # decoder-start token first
+    verified: int = 1  # y[:verified] is final; y[verified:] is pending
+    state: str = "large"  # "large": waiting for the large model; "small": in its small phase; "done"
+    trace: list = field(default_factory=list)
+
+
+@torch.inference_mode()
+def generate_batch(large: T5, small: T5, input_ids, attention_mask=None, *,
+                   fallback_threshold: float = FALLBACK_THRESHOLD, rollback_threshold: float = ROLLBACK_THRESHOLD,
+                   max_small_steps: int = MAX_SMALL_STEPS, max_new_tokens: int = MAX_NEW_TOKENS) -> list[BiLDResult]:
+    """BiLD-decode a batch of sources (B, S), right-padded as attention_mask (B, S) says (1 for tokens, 0 for
+    padding; None: no padding) -> one BiLDResult per row, equal to bild.generate's on that row alone."""
+    attention_mask = check_batch(large, small, input_ids, attention_mask)
+    check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
+    eos = large.config.eos_token_id
+    models = {"large": large, "small": small}
+    # As in bild.generate: a large call that verifies a tail ending at the cap feeds max_new_tokens + 1 positions.
+    caches = {name: ragged.RaggedKVCache(model.new_cache(model.encode(input_ids, attention_mask), attention_mask,
+                                                         max_length=max_new_tokens + 1))
+              for name, model in models.items()}
+    rows = [Row([large.config.decoder_start_token_id]) for _ in range(input_ids.shape[0])]
+    while any(row.state != "done" for row in rows):
+        for name in ("large", "small"):
+            batch = [b for b, row in enumerate(rows) if row.state == name]
+            if not batch:
+                continue
+            for b, (start, fed, logits) in zip(batch, feed(models[name], caches[name], rows, batch)):
+                row = rows[b]
+                if name == "large":
+                    step = verify(row.y, row.verified, start, fed, logits, rollback_threshold, eos, max_new_tokens)
+                    if step.decision == "rollback":  # both caches keep y[:j] at most, in this row
+                        caches["large"].crop(b, step.rollback_at)
+                        caches["small"].crop(b, min(caches["small"].lengths[b].item(), step.rollback_at))
+                    row.verified = len(row.y)
+                    row.state = "done" if ended(row.y, eos, max_new_tokens) else "small"
+                else:
+                    step = propose(row.y, row.verified, start, fed, logits, fallback_threshold, max_small_steps,
+                                   eos, max_new_tokens)
+                    row.state = "small" if step.decision == "pending" else "large"
+                row.trace.append(step)
+    return [BiLDResult(row.y[1:], BiLDStats.of(row.trace), row.trace) for row in rows]
+
+
+def feed(model: T5, cache: ragged.RaggedKVCache, rows: list[Row], batch: list[int]):
+    """One call feeding each row b in batch the tokens of its y its cache lacks -> per row (their start position,
+    them, their logits (T_b, V)), as bild.generate's feed gives them for one row."""
+    starts = cache.lengths[batch].tolist()
+    fed = [rows[b].y[start:] for b, start in zip(batch, starts)]
+    T = max(map(len, fed))
+    ids = [tokens + [model.config.pad_token_id] * (T - len(tokens)) for tokens in fed]  # right-padded
+    device = cache.lengths.device
+    logits = ragged.decode(model, cache, torch.tensor(batch, device=device), torch.tensor(ids, device=device),
+                           torch.tensor(list(map(len, fed)), device=device))  # (A, T, V)
+    return [(start, tokens, logits[a, :len(tokens)]) for a, (start, tokens) in enumerate(zip(starts, fed))]
+
+
+def check_batch(large: T5, small: T5, input_ids, attention_mask):
+    """generate_batch's models and inputs, checked before any model runs -> the attention mask (all ones if None)."""
+    if isinstance(small, EarlyExit):
+        raise ValueError("an early-exit small model is batch-1 only: use bild.generate, one source at a time")
+    check_pair(large, small)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids has no rows: {tuple(input_ids.shape)}; give at least one source")
+    check_ids("input_ids", input_ids, large.config.vocab_size)
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, expected "
+                         f"input_ids' {tuple(input_ids.shape)}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (source tokens)")
+    lengths = attention_mask.sum(1)
+    if (lengths == 0).any():
+        row = (lengths == 0).nonzero()[0].item()
+        raise ValueError(f"attention_mask row {row} is all zeros: every row needs at least one source token")
+    right_padded = torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None]
+    if (attention_mask != right_padded).any():
+        row = (attention_mask != right_padded).any(1).nonzero()[0].item()
+        raise ValueError(f"attention_mask row {row} is not right-padded: it must be 1s, then 0s")
+    return attention_mask
