@@ -12,17 +12,17 @@ import json
 import math
 from collections import Counter
 from contextlib import contextmanager
-from functools import lru_cache
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import minibild
-from minibild import T5, T5Config, bild
+from minibild import bild
 from minibild.bild import format_trace, generate, speculative, trace_from_jsonl, trace_to_jsonl
+from tiny_models import (ALL_PATHS, EOS, VOCAB, assert_reached, lengths, model_pair, pair_args, paths, random_t5,
+                         seeds, sources, steps)
 
-VOCAB, PAD, EOS = 56, 0, 1
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 
 
@@ -33,59 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# Random models never pick EOS by themselves. EOS takes the place of a token each model emits in a fifth to a
-# half of its outputs, first a few tokens in, so outputs end at varied lengths (or reach the cap). SEEDS: of the
-# first 16 large models (their small models' seeds: seed + 1000), those that do this most often.
-SEEDS = (0, 1, 7, 15)
-ENDS_LIKE = {0: 17, 1: 15, 7: 15, 15: 27, 1000: 20, 1001: 2, 1007: 25, 1015: 49}
-
-
-def random_t5(seed, d_model=24, num_layers=2, ends_like=None, **config):
-    torch.manual_seed(seed)
-    config = dict(vocab_size=VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=num_layers, num_heads=2,
-                  relative_attention_num_buckets=8, relative_attention_max_distance=16, tie_word_embeddings=False,
-                  dropout_rate=0.0) | config
-    model = T5(T5Config(**config))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)  # the default init gives near-uniform, all-alike outputs
-        head = model.lm_head.weight
-        head.normal_(0, 3.0)  # confident predictions, so small tokens are often kept
-        if ends_like is not None:  # EOS wins wherever token ends_like would (with a positive logit)
-            head[model.config.eos_token_id] = 1.05 * head[ends_like]
-    return model.double().eval()
-
-
-@lru_cache(maxsize=None)
-def model_pair(kind, seed=0):
-    large = random_t5(seed, ends_like=ENDS_LIKE[seed])
-    if kind == "same":
-        return large, large
-    if kind == "agree":
-        small = copy.deepcopy(large)
-        torch.manual_seed(seed + 1000)
-        with torch.no_grad():
-            for p in small.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        return large, small
-    return large, random_t5(seed + 1000, d_model=16, num_layers=1, ends_like=ENDS_LIKE[seed + 1000])
-
-
-seeds = st.sampled_from(SEEDS)
-pair_args = st.tuples(st.sampled_from(["agree", "disagree"]), seeds)
-
-
-def random_source(seed) -> torch.Tensor:
-    """1 to 8 random source ids: hypothesis' own lists repeat a few short sources, which end alike."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (1, int(torch.randint(1, 9, (), generator=generator))), generator=generator)
-
-
-sources = st.integers(0, 2**32 - 1).map(random_source)
-lengths = st.integers(2, 24)  # from 2: with 1, the small model never runs (a test of its own)
-steps = st.integers(1, 8)
 
 
 @contextmanager
@@ -211,30 +158,6 @@ def checked_generate(large, small, src, oracle=False, **kwargs):
 
 def large_greedy(large, src, max_new_tokens):
     return minibild.greedy(large, src, max_new_tokens)[0]
-
-
-def paths(result) -> Counter:
-    """The paths of the loop one result went through, counted. Each property test sums them over its examples
-    and asserts a minimum for every path it can reach: a property proves nothing about a path it never saw."""
-    small = [step for step in result.trace if step.model == "small"]
-    rollbacks = [step for step in result.trace if step.decision == "rollback"]
-    seen = Counter(step.decision for step in small)  # pending, fallback, handover, end
-    seen["accepted"] = result.stats.accepted_small_tokens
-    seen["rollback"] = len(rollbacks)
-    seen["rollback of several tokens"] = sum(len(step.cross_entropy) - step.accepted > 1 for step in rollbacks)
-    seen["EOS pending"] = sum(step.token == EOS and step.decision != "fallback" for step in small)
-    seen["EOS rolled back"] = sum(EOS in step.fed[1 + step.accepted:] for step in rollbacks)
-    seen["ends at EOS" if result.tokens[-1] == EOS else "ends at cap"] += 1
-    return seen
-
-
-def assert_reached(seen: Counter, paths: list[str], least: int):
-    rare = {path: seen[path] for path in paths if seen[path] < least}
-    assert not rare, f"paths reached fewer than {least} times: {rare}; all: {dict(seen)}"
-
-
-ALL_PATHS = ["pending", "fallback", "handover", "end", "accepted", "rollback", "rollback of several tokens",
-             "EOS pending", "EOS rolled back", "ends at EOS", "ends at cap"]
 
 
 def test_rollback_threshold_zero_is_large_greedy():

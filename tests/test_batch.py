@@ -1,0 +1,215 @@
+"""Tests for batched BiLD (minibild/batch.py) and its ragged cache (minibild/ragged.py).
+
+The contract: row i of bild.generate_batch is bild.generate on row i alone (its unpadded source), in tokens,
+stats and trace, for every setting. Tokens, decisions, positions and stats are compared exactly; the trace's
+probabilities and cross-entropies to 1e-9 relative (float64), since a batched matmul may sum in another order.
+Models, sources and settings are test_bild.py's (tests/tiny_models.py).
+"""
+import copy
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import minibild
+from minibild import bild, ragged
+from tiny_models import EOS, PAD, VOCAB, assert_reached, lengths, model_pair, pair_args, random_source, steps
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
+batches = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6).map(lambda seeds: [random_source(s)[0]
+                                                                                         for s in seeds])
+
+
+def padded(sources: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources (S_i,) -> input_ids and attention_mask (B, max S_i), right-padded with PAD."""
+    ids = torch.full((len(sources), max(map(len, sources))), PAD)
+    mask = torch.zeros_like(ids)
+    for i, src in enumerate(sources):
+        ids[i, :len(src)], mask[i, :len(src)] = src, 1
+    return ids, mask
+
+
+def assert_same_result(got: bild.BiLDResult, expected: bild.BiLDResult):
+    """Equal tokens, stats and decisions; the trace's floats to 1e-9 relative."""
+    assert (got.tokens, got.stats) == (expected.tokens, expected.stats)
+    assert len(got.trace) == len(expected.trace)
+    for a, b in zip(got.trace, expected.trace):
+        floats = ("prob", "cross_entropy")
+        assert {k: v for k, v in vars(a).items() if k not in floats} == \
+            {k: v for k, v in vars(b).items() if k not in floats}
+        if a.model == "small":
+            assert math.isclose(a.prob, b.prob, rel_tol=1e-9)
+        else:
+            assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a.cross_entropy, b.cross_entropy, strict=True))
+
+
+def iterations(trace) -> list[int]:
+    """The iteration of generate_batch's schedule each step of a row's trace ran in: a small step right after
+    a large one runs in the large one's iteration; every other step in the next one."""
+    numbers = []
+    for i, step in enumerate(trace):
+        same = i > 0 and step.model == "small" and trace[i - 1].model == "large"
+        numbers.append(numbers[-1] + (not same) if numbers else 0)
+    return numbers
+
+
+def batch_paths(results) -> Counter:
+    """What a batch went through, counted: the rows' interplay the schedule must get right."""
+    seen = Counter()
+    events = {}  # iteration -> decisions of the rows' steps in it, and "finish" for a row's last step
+    for row, result in enumerate(results):
+        for n, (i, step) in zip(iterations(result.trace), enumerate(result.trace)):
+            events.setdefault(n, []).append((row, step.decision))
+            if i == len(result.trace) - 1:
+                events[n].append((row, "finish"))
+    for decisions in events.values():
+        for row, decision in decisions:
+            others = {d for r, d in decisions if r != row}
+            if decision == "rollback":
+                seen["rollback while another row falls back"] += "fallback" in others
+                seen["rollback while another row finishes"] += "finish" in others
+                seen["rollback while another row accepts"] += "accept" in others
+    ends = {"EOS" if result.tokens[-1] == EOS else "cap" for result in results}
+    seen["rows end at EOS and at the cap"] += ends == {"EOS", "cap"}
+    seen["rows of different lengths"] += len({len(result.tokens) for result in results}) > 1
+    return seen
+
+
+def test_each_row_is_bild_generate_on_that_row_alone():
+    seen = Counter()
+
+    @settings(SETTINGS, max_examples=60)
+    @given(pair_args, st.floats(0, 1.2), st.floats(0, 8), steps, lengths, batches)
+    def check(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources):
+        large, small = model_pair(*args)
+        kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                      max_small_steps=N, max_new_tokens=max_new_tokens)
+        results = bild.generate_batch(large, small, *padded(sources), **kwargs)
+        assert len(results) == len(sources)
+        for src, result in zip(sources, results):
+            assert_same_result(result, bild.generate(large, small, src[None], **kwargs))
+        seen.update(batch_paths(results))
+        seen["padded sources"] += len({len(src) for src in sources}) > 1
+
+    check()
+    assert_reached(seen, list(seen), least=5)  # every path batch_paths counts, and padding
+
+
+def test_permuting_rows_permutes_results():
+    @SETTINGS
+    @given(pair_args, st.floats(0, 1), st.floats(0, 4), steps, lengths, batches, st.randoms(use_true_random=False))
+    def check(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources, rng):
+        large, small = model_pair(*args)
+        kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                      max_small_steps=N, max_new_tokens=max_new_tokens)
+        order = list(range(len(sources)))
+        rng.shuffle(order)
+        results = bild.generate_batch(large, small, *padded(sources), **kwargs)
+        permuted = bild.generate_batch(large, small, *padded([sources[i] for i in order]), **kwargs)
+        for i, result in zip(order, permuted):
+            assert_same_result(result, results[i])
+
+    check()
+
+
+def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched():
+    @SETTINGS
+    @given(pair_args, st.floats(0, 1), steps, lengths, batches)
+    def check(args, fallback_threshold, N, max_new_tokens, sources):
+        large, small = model_pair(*args)
+        results = bild.generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
+                                      rollback_threshold=0.0, max_small_steps=N, max_new_tokens=max_new_tokens)
+        tokens = [result.tokens for result in results]
+        assert tokens == [minibild.greedy(large, src[None], max_new_tokens)[0] for src in sources]
+        ids, mask = padded(sources)
+        assert tokens == minibild.greedy(large, ids, max_new_tokens, attention_mask=mask)
+
+    check()
+
+
+def test_ragged_cache_holds_what_one_row_alone_would():
+    """Random calls over random subsets of rows, each row fed 1-3 tokens, with random crops: after every call,
+    each row's logits and each layer's keys/values at its positions equal a fresh one-row cache's over the
+    tokens that row holds."""
+    model, _ = model_pair("disagree", 1)
+    rng = random.Random(0)
+    sources = [random_source(seed)[0] for seed in range(5)]
+    ids, mask = padded(sources)
+    cache = ragged.RaggedKVCache(model.new_cache(model.encode(ids, mask), mask, max_length=24))
+    held = [[] for _ in sources]  # the tokens each row's cache holds
+    seen = Counter()
+    for _ in range(40):
+        rows = sorted(rng.sample(range(len(sources)), rng.randint(1, len(sources))))
+        fed = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, min(3, 24 - len(held[b]))))] for b in rows]
+        width = max(map(len, fed))
+        logits = ragged.decode(model, cache, torch.tensor(rows), torch.tensor([f + [PAD] * (width - len(f))
+                                                                               for f in fed]),
+                               torch.tensor(list(map(len, fed))))
+        for a, (b, tokens) in enumerate(zip(rows, fed)):
+            alone = model.new_cache(model.encode(sources[b][None]), max_length=24)
+            expected = model.decode(torch.tensor([held[b] + tokens]), alone)[0, len(held[b]):]
+            torch.testing.assert_close(logits[a, :len(tokens)], expected, rtol=1e-9, atol=1e-12)
+            held[b] += tokens
+            n = len(held[b])
+            for layer in range(len(model.decoder.layers)):
+                torch.testing.assert_close(cache.kv.keys[layer][b, :, :n], alone.keys[layer][0, :, :n],
+                                           rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(cache.kv.values[layer][b, :, :n], alone.values[layer][0, :, :n],
+                                           rtol=1e-9, atol=1e-12)
+        assert cache.lengths.tolist() == list(map(len, held))
+        seen["rows of different lengths in one call"] += len({len(held[b]) for b in rows}) > 1
+        seen["padded slots"] += len(set(map(len, fed))) > 1
+        for b in range(len(sources)):
+            if held[b] and rng.random() < 0.3 or len(held[b]) > 20:  # crop one row, the others untouched
+                held[b] = held[b][:rng.randint(0, len(held[b]))]
+                cache.crop(b, len(held[b]))
+                seen["crops"] += 1
+    assert_reached(seen, ["rows of different lengths in one call", "padded slots", "crops"], least=10)
+
+
+def test_ragged_crop_and_length_errors():
+    model, _ = model_pair("disagree")
+    ids = torch.tensor([[3, 4], [5, 6]])
+    cache = ragged.RaggedKVCache(model.new_cache(model.encode(ids), max_length=3))
+    ragged.decode(model, cache, torch.tensor([1]), torch.tensor([[7, 8]]), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"crop\(0, 1\): row 0 holds 0 positions; n must be in \[0, 0\]"):
+        cache.crop(0, 1)
+    with pytest.raises(ValueError, match="at most 3 decoder positions, asked for 4"):
+        ragged.decode(model, cache, torch.tensor([0, 1]), torch.tensor([[7, 8], [9, PAD]]), torch.tensor([2, 2]))
+
+
+@pytest.mark.parametrize("ids, mask, message", [
+    (torch.zeros(0, 3, dtype=torch.long), None, r"input_ids has no rows: \(0, 3\); give at least one source"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.ones(2, 3), r"attention_mask has shape \(2, 3\), expected input_ids' "
+                                                       r"\(2, 2\)"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[1, 1], [0, 0]]), "attention_mask row 1 is all zeros: every row "
+                                                                     "needs at least one source token"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[1, 1], [0, 1]]), "attention_mask row 1 is not right-padded"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[1, 2], [1, 1]]), "attention_mask must hold only 0"),
+    (torch.tensor([[3, VOCAB]]), None, rf"input_ids holds ids outside \[0, {VOCAB}\)"),
+    (torch.tensor([3, 4]), None, "input_ids must be an integer tensor"),
+])
+def test_bad_inputs_are_refused_before_any_compute(ids, mask, message, monkeypatch):
+    large, small = model_pair("disagree")
+    monkeypatch.setattr(ragged, "decode", None)  # any model call would fail with a TypeError instead
+    for model in (large, small):
+        monkeypatch.setattr(model, "encode", None)
+    with pytest.raises(ValueError, match=message):
+        bild.generate_batch(large, small, ids, mask)
+
+
+@pytest.mark.parametrize("pair, kwargs, message", [
+    (lambda large, small: (large, minibild.EarlyExit(large, 1)), {},
+     "early-exit small model is batch-1 only: use bild.generate"),
+    (lambda large, small: (large, small.train()), {}, "the small model is in training mode"),
+    (lambda large, small: (large, small.float()), {}, "the small model torch.float32"),
+    (lambda large, small: (large, small), {"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    (lambda large, small: (large, small), {"rollback_threshold": -1.0}, "rollback_threshold must be >= 0"),
+])
+def test_bad_models_and_settings_are_refused(pair, kwargs, message):
+    large, small = pair(*copy.deepcopy(model_pair("disagree")))
+    with pytest.raises(ValueError, match=message):
+        bild.generate_batch(large, small, torch.tensor([[3, 4]]), **kwargs)
