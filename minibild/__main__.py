@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import bild
+from .batch import right_pad
 from .early_exit import EarlyExit
 from .modes import MODES, Mode
 from .progress import progress
@@ -47,6 +48,9 @@ def parse_args(argv):
                    help="refuse inputs longer than this many tokens (default 512) instead of truncating them")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="decode B inputs at a time (batched greedy or bild.generate_batch; each output is the one "
+                        "batch size 1 gives; default 1)")
     p.add_argument("--trace", action="store_true", help="print BiLD's decisions for each input on stderr")
     return p.parse_args(argv)
 
@@ -114,6 +118,11 @@ def run(args) -> int:
     if args.trace and mode.name in ("large", "small"):
         raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")
     early_exit = args.exit_layer is not None
+    if isinstance(args.batch_size, bool) or args.batch_size < 1:
+        raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if early_exit and args.batch_size > 1:
+        raise UsageError("--exit-layer is batch-1 only (the early-exit model shares one cache with the large "
+                         "model); use --batch-size 1")
     if early_exit and args.small is not None:
         raise UsageError("--small and --exit-layer exclude each other: with --exit-layer K the small model is "
                          "the large model's first K decoder layers")
@@ -136,11 +145,12 @@ def run(args) -> int:
             raise UsageError(f"input {i} has {len(ids)} tokens, more than --max-input-tokens "
                              f"{args.max_input_tokens}; split it or raise the limit")
     show_progress = len(texts) > 1 and not args.trace
+    outputs = decoded(mode, models, [ids for ids in sources if len(ids) > 1], args.batch_size, device)
     for i, ids in progress(enumerate(sources, 1), len(sources), "translating", show_progress):
         if len(ids) == 1:
             print(flush=True)
             continue
-        tokens, result = mode.decode(models.get("large"), models.get("small"), torch.tensor([ids], device=device))
+        tokens, result = next(outputs)
         if args.trace and result is not None:
             print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}\n"
                   f"pieces: {trace_pieces(result.trace, tok)}", file=sys.stderr)
@@ -149,6 +159,18 @@ def run(args) -> int:
                   "the end of its translation", file=sys.stderr)
         print(tok.decode(tokens), flush=True)
     return 0
+
+
+def decoded(mode: Mode, models: dict, sources: list[list[int]], batch_size: int, device):
+    """(tokens, BiLD result or None) for each source in order, decoding batch_size sources at a time."""
+    large, small = models.get("large"), models.get("small")
+    if batch_size == 1:
+        for ids in sources:
+            yield mode.decode(large, small, torch.tensor([ids], device=device))
+        return
+    pad = models[mode.models()[0]].config.pad_token_id
+    for i in range(0, len(sources), batch_size):
+        yield from mode.decode_batch(large, small, *right_pad(sources[i:i + batch_size], pad, device))
 
 
 if __name__ == "__main__":

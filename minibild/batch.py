@@ -92,6 +92,16 @@ def feed(model: T5, cache: ragged.RaggedKVCache, rows: list[Row], batch: list[in
     return [(start, tokens, logits[a, :len(tokens)]) for a, (start, tokens) in enumerate(zip(starts, fed))]
 
 
+def right_pad(sources, pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources (token lists or 1-D tensors) -> input_ids (B, S) right-padded with pad_token_id, and the
+    attention_mask (B, S) generate_batch and greedy take: 1 for tokens, 0 for padding."""
+    ids = torch.full((len(sources), max(map(len, sources))), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, src in enumerate(sources):
+        ids[i, :len(src)], mask[i, :len(src)] = torch.as_tensor(src), 1
+    return ids.to(device), mask.to(device)
+
+
 def check_batch(large: T5, small: T5, input_ids, attention_mask):
     """generate_batch's models and inputs, checked before any model runs -> the attention mask (all ones if None)."""
     if isinstance(small, EarlyExit):

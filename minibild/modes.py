@@ -1,4 +1,4 @@
-"""The four ways minibild decodes one source, behind one call: used by the CLI and the scripts alike."""
+"""The four ways minibild decodes, behind one call (one source, or a batch): used by the CLI and the scripts alike."""
 from dataclasses import dataclass
 
 from . import bild
@@ -42,6 +42,21 @@ class Mode:
                                    rollback_threshold=self.rollback_threshold,
                                    max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens)
         return result.tokens, result
+
+    def decode_batch(self, large: T5 | None, small: T5 | None, input_ids,
+                     attention_mask) -> list[tuple[list[int], "bild.BiLDResult | None"]]:
+        """Decode a right-padded batch (B, S) -> per row what decode gives on that row alone: batched greedy
+        (minibild.greedy) or batched BiLD (bild.generate_batch)."""
+        if self.name in ("large", "small"):
+            model = large if self.name == "large" else small
+            return [(tokens, None) for tokens in greedy(model, input_ids, self.max_new_tokens, attention_mask)]
+        # Speculative decoding is BiLD with fallback 0 and rollback 0 (bild.speculative).
+        fallback, rollback = (0.0, 0.0) if self.name == "speculative" else (self.fallback_threshold,
+                                                                              self.rollback_threshold)
+        results = bild.generate_batch(large, small, input_ids, attention_mask, fallback_threshold=fallback,
+                                      rollback_threshold=rollback, max_small_steps=self.max_small_steps,
+                                      max_new_tokens=self.max_new_tokens)
+        return [(result.tokens, result) for result in results]
 
     def models(self) -> tuple[str, ...]:
         """Which of the pair this mode runs."""

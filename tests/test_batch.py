@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import minibild
 from minibild import bild, ragged
+from minibild.batch import right_pad
 from tiny_models import EOS, PAD, VOCAB, assert_reached, lengths, model_pair, pair_args, random_source, steps
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -24,12 +25,7 @@ batches = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6).map(lambda
 
 
 def padded(sources: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sources (S_i,) -> input_ids and attention_mask (B, max S_i), right-padded with PAD."""
-    ids = torch.full((len(sources), max(map(len, sources))), PAD)
-    mask = torch.zeros_like(ids)
-    for i, src in enumerate(sources):
-        ids[i, :len(src)], mask[i, :len(src)] = src, 1
-    return ids, mask
+    return right_pad(sources, PAD)
 
 
 def assert_same_result(got: bild.BiLDResult, expected: bild.BiLDResult):

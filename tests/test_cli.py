@@ -91,6 +91,20 @@ def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     assert status == 0 and len(out.splitlines()) == 1 and "large @0 fed [0]" in err and "BiLDStats" in err
 
 
+@pytest.mark.parametrize("mode", ["bild", "speculative", "large", "small"])
+def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch, mode):
+    """Five lines (one blank) in batches of 2: the same outputs in input order, warnings and traces per input."""
+    lines = "Dios es amor.\n\nY dijo Dios: Sea la luz.\nJehová es mi pastor.\nEn el principio creó Dios los cielos.\n"
+    trace = ["--trace"] if mode in ("bild", "speculative") else []
+    runs = [run_cli(capsys, "--mode", mode, "--dtype", "float64", "--max-new-tokens", "8", *trace,
+                    "--batch-size", size, stdin=lines, monkeypatch=monkeypatch) for size in ("1", "2")]
+    runs = [(status, out, re.sub(r"\r[^\r\n]*ETA \d+s", "", err)) for status, out, err in runs]  # no rates
+    assert runs[0] == runs[1]
+    status, out, err = runs[0]
+    assert status == 0 and len(out.splitlines()) == 5 and out.splitlines()[1] == ""
+    assert "reached --max-new-tokens 8" in err and err.count("--- input") == (4 if trace else 0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "quantum", "hola"], "'quantum' is not a device"),
     (["--device", "cuda", "hola"], "CUDA is not available"),
@@ -104,8 +118,12 @@ def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     (["--exit-layer", "0", "hola"], "exit_layer must be in [1, 7]"),
     (["--mode", "large", "--trace", "hola"], "--trace shows BiLD's decisions; --mode large has none"),
     (["Dios es amor \udce1."], "input 1 is not UTF-8 text"),  # a Latin-1 byte, as Python passes it on
+    (["--batch-size", "0", "hola"], "--batch-size must be an integer >= 1, got 0"),
+    (["--exit-layer", "2", "--batch-size", "2", "hola"], "--exit-layer is batch-1 only"),
+    (["--batch-size", "2", "--max-input-tokens", "3", "hola", "Y dijo Dios: Sea la luz."],
+     "input 2 has 9 tokens, more than --max-input-tokens 3"),
 ], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0",
-        "trace-greedy", "latin-1"])
+        "trace-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
