@@ -21,6 +21,10 @@ and the large model's share of wall time (a stopwatch around its encode / new_ca
 own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, speculative, hf-greedy,
 hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
 
+With --batch-size B, minibild's systems decode B sources at a time (batched greedy, bild.generate_batch), each
+batch one timed call, and every source's latency is its batch's; the large model's share of wall time is not
+measured then. transformers' systems and --exit-layer are batch-1 only here.
+
 Not offered: torch.compile and CUDA graphs. Each decoder call sees a new cache length, and BiLD's large calls a new
 number of tokens, so compiled graphs would be rebuilt or made dynamic call after call, and at batch 1 the Python
 loop around the model is a large part of the time.
@@ -40,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from minibild import T5, EarlyExit, Tokenizer, bild, load  # noqa: E402
+from minibild.batch import right_pad  # noqa: E402
 from minibild.__main__ import DTYPES, UsageError, pick_device  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.progress import progress  # noqa: E402
@@ -175,20 +180,23 @@ class TimedModel:
 
 @dataclass
 class System:
-    """One system to measure: decode(input_ids (1, S)) -> (tokens, BiLD result or None)."""
+    """One system to measure: decode(input_ids (1, S)) -> (tokens, BiLD result or None), and for minibild's
+    systems decode_batch(input_ids (B, S), attention_mask) -> one (tokens, BiLD result or None) per row."""
     decode: Callable
+    decode_batch: Callable | None = None
     exact: bool = False  # must reproduce large greedy's tokens
     timer: TimedModel | None = None  # the large model's stopwatch (BiLD and speculative decoding)
 
 
 def minibild_system(mode: Mode, large, small, device) -> System:
     """A minibild mode as a System; BiLD and speculative decoding run their large model under a stopwatch."""
+    decode_batch = partial(mode.decode_batch, large, small)  # batched BiLD calls the model's layers: no stopwatch
     if mode.name in ("large", "small"):
-        return System(partial(mode.decode, large, small))
+        return System(partial(mode.decode, large, small), decode_batch)
     timer = TimedModel(large, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     if isinstance(small, EarlyExit):  # the early-exit model must sit on the very large model BiLD is given
         small = EarlyExit(timer, small.exit_layer)
-    return System(partial(mode.decode, timer, small), exact=is_exact(mode), timer=timer)
+    return System(partial(mode.decode, timer, small), decode_batch, exact=is_exact(mode), timer=timer)
 
 
 @torch.inference_mode()
@@ -252,6 +260,23 @@ def decode_interleaved(systems: dict, sources: list, device, repeats: int = 1, s
     return runs
 
 
+def batch_decoder(decode_batch: Callable) -> Callable:
+    """A System's decode_batch as decode_interleaved's decoder: a batch (input_ids, attention_mask) -> (the rows'
+    tokens, the rows' BiLD results or Nones)."""
+    def decode(batch):
+        rows = decode_batch(*batch)
+        return [tokens for tokens, _ in rows], [result for _, result in rows]
+    return decode
+
+
+def by_source(run: dict) -> dict:
+    """A run of batch_decoders (from decode_interleaved) as if per source: each source takes its batch's seconds."""
+    return {"tokens": [tokens for batch in run["tokens"] for tokens in batch],
+            "results": [result for batch in run["results"] for result in batch],
+            "seconds": [s for s, batch in zip(run["seconds"], run["tokens"]) for _ in batch],
+            "total_seconds": run["total_seconds"]}
+
+
 def summarize(run: dict, baseline: dict | None) -> dict:
     """Latency of one system's run (from decode_interleaved), its speedup over `baseline` (large greedy's run,
     same sources), and BiLD's counts when it has them."""
@@ -273,18 +298,26 @@ def summarize(run: dict, baseline: dict | None) -> dict:
 
 def evaluate(systems: dict[str, System], sources: list[list[int]], device, references: list[str] | None = None,
              tok: Tokenizer | None = None, metrics: dict | None = None, repeats: int = 1, warmup: int = 0,
-             show_progress=True) -> dict:
+             show_progress=True, batch_size: int = 1, pad_token_id: int = 0) -> dict:
     """Decode every source with every system, interleaved (decode_interleaved), after `warmup` untimed rounds on the
     first source -> {label: figures}: latency and speedup over the system labelled "large" (large greedy), BiLD's
     counts, the large model's share of wall time, which sources an exact system decodes unlike large greedy, and
-    with references, each of `metrics` ({name: score(hypotheses, references)}, default BLEU and chrF)."""
-    inputs = [torch.tensor([ids], device=device) for ids in sources]
-    decoders = {label: system.decode for label, system in systems.items()}
+    with references, each of `metrics` ({name: score(hypotheses, references)}, default BLEU and chrF).
+    batch_size > 1: batches of right-padded sources, one timed decode_batch call each (see the module docstring)."""
+    if batch_size == 1:
+        inputs = [torch.tensor([ids], device=device) for ids in sources]
+        decoders = {label: system.decode for label, system in systems.items()}
+    else:
+        inputs = [right_pad(sources[i:i + batch_size], pad_token_id, device)
+                  for i in range(0, len(sources), batch_size)]
+        decoders = {label: batch_decoder(system.decode_batch) for label, system in systems.items()}
     warm_up(decoders, inputs[0], warmup)
     for system in systems.values():
         if system.timer:
             system.timer.seconds = 0.0
     runs = decode_interleaved(decoders, inputs, device, repeats, show_progress)
+    if batch_size > 1:
+        runs = {label: by_source(run) for label, run in runs.items()}
     report = {}
     for label, run in runs.items():
         entry = {}
@@ -294,7 +327,7 @@ def evaluate(systems: dict[str, System], sources: list[list[int]], device, refer
             entry = {name: score(hypotheses, references) for name, score in metrics.items()}
         entry.update(summarize(run, runs.get("large")))
         system = systems[label]
-        if system.timer:
+        if system.timer and batch_size == 1:
             entry["large_share"] = system.timer.seconds / run["total_seconds"]
         if system.exact and "large" in runs and label != "large":
             entry["differs_from_large"] = [i for i, (a, b) in enumerate(zip(run["tokens"], runs["large"]["tokens"]))
@@ -397,6 +430,8 @@ def parse_args(argv):
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N random sources instead of the split")
     p.add_argument("--source-length", type=int, default=32, help="tokens per synthetic source, EOS included")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="decode B sources at a time with minibild's systems (default 1)")
     p.add_argument("--json", help="also write the report here")
     return p.parse_args(argv)
 
@@ -456,6 +491,11 @@ def run(args):
         raise UsageError(f"--synthetic must be >= 0 and --source-length >= 1, got {args.synthetic} and "
                          f"{args.source_length}")
     specs = system_specs(args)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size > 1 and (args.exit_layer or any(s in HF_SYSTEMS for s in specs)):
+        raise UsageError("--batch-size > 1 is for minibild's systems with a separate small model: hf-greedy, "
+                         "hf-assisted and --exit-layer decode one source at a time; use --batch-size 1")
     hf_version = None
     if any(s in HF_SYSTEMS for s in specs):
         try:
@@ -468,7 +508,8 @@ def run(args):
                       if args.synthetic else args.split,
             "large": args.large, "small": small_name(args, specs),
             "hf_large": args.hf_large, "hf_small": args.hf_small, "device": device_name(device),
-            "threads": torch.get_num_threads() if device.type == "cpu" else None, "repeats": args.repeats,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None, "batch_size": args.batch_size,
+            "repeats": args.repeats,
             "warmup": args.warmup, "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
             "transformers": hf_version, "python": platform.python_version()}
     runs = []
@@ -479,14 +520,16 @@ def run(args):
         else:
             sources, references = read_sources(args.split, args.limit, tok, args.large)
         report = evaluate(systems, sources, device, references, tok, repeats=args.repeats, warmup=args.warmup,
-                          show_progress=not args.no_progress)
+                          show_progress=not args.no_progress, batch_size=args.batch_size,
+                          pad_token_id=large.config.pad_token_id)
         runs.append({"dtype": dtype_name, "sentences": len(sources), "systems": report})
         threads = f", {meta['threads']} threads" if meta["threads"] else ""
         versions = f"torch {meta['torch']}" + (f", transformers {hf_version}" if hf_version else "")
         inputs = meta["inputs"] if args.synthetic else f"{len(sources)} sources of {args.split}"
         pair = f"{args.large} / {meta['small']}" if meta["small"] else args.large
         print(f"{inputs}, {pair} on {meta['device']} "
-              f"({dtype_name}{threads}; {versions}); batch 1, median of {args.repeats} interleaved run(s) per source "
+              f"({dtype_name}{threads}; {versions}); batch {args.batch_size}, median of {args.repeats} interleaved "
+              f"run(s) per source "
               f"after {args.warmup} warm-up round(s); speedup vs large greedy in this run")
         print(format_table(report))
         for line in exactness_lines(report, len(sources)):

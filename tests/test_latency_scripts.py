@@ -117,6 +117,25 @@ def test_evaluate_synthetic_several_dtypes(pair, tmp_path, capsys):
     assert "BLEU" not in capsys.readouterr().out
 
 
+def test_evaluate_batched_gives_batch_one_outputs(pair, tmp_path):
+    """--batch-size 4 over six sources (a full and a partial batch): every system's outputs, quality and counts are
+    batch 1's; each source's latency is its batch's."""
+    reports = []
+    for size in ("1", "4"):
+        out = tmp_path / f"eval{size}.json"
+        assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--dtype", "float64",
+                              "--max-new-tokens", "10", "--systems", "small", "bild:0.6,5", "bild:0.3,0",
+                              "speculative:3", "--batch-size", size, "--no-progress", "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[1]["meta"]["batch_size"] == 4
+    timing = ("median_ms", "mean_ms", "speedup", "median_speedup", "large_share")
+    one, batched = ({label: {k: v for k, v in entry.items() if k not in timing} for label, entry in
+                     report["runs"][0]["systems"].items()} for report in reports)
+    assert one == batched and len(one) == 5
+    assert batched["bild(fb=0.3,rb=0,N=10)"]["differs_from_large"] == []
+    assert all("large_share" not in entry for entry in reports[1]["runs"][0]["systems"].values())
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--systems", "large", "beam:4"], "bad system 'beam:4'"),
     (["--systems", "bild:x"], "bad system 'bild:x'"),
@@ -126,6 +145,8 @@ def test_evaluate_synthetic_several_dtypes(pair, tmp_path, capsys):
     (["--systems", "hf-greedy"], "hf-greedy needs --hf-large"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--synthetic", "-1"], "--synthetic must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "2", "--exit-layer", "1"], "hf-greedy, hf-assisted and --exit-layer decode one source at a time"),
 ])
 def test_evaluate_refuses(pair, tmp_path, capsys, arguments, message):
     if "cuda" in arguments and torch.cuda.is_available():
