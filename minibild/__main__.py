@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from . import bild
-from .batch import right_pad
 from .early_exit import EarlyExit
 from .modes import MODES, Mode
 from .progress import progress
@@ -145,7 +144,9 @@ def run(args) -> int:
             raise UsageError(f"input {i} has {len(ids)} tokens, more than --max-input-tokens "
                              f"{args.max_input_tokens}; split it or raise the limit")
     show_progress = len(texts) > 1 and not args.trace
-    outputs = decoded(mode, models, [ids for ids in sources if len(ids) > 1], args.batch_size, device)
+    batches = mode.decode_batches(models.get("large"), models.get("small"), [ids for ids in sources if len(ids) > 1],
+                                  args.batch_size, device)
+    outputs = (row for batch in batches for row in batch)  # (tokens, BiLD result or None) per non-blank input
     for i, ids in progress(enumerate(sources, 1), len(sources), "translating", show_progress):
         if len(ids) == 1:
             print(flush=True)
@@ -159,18 +160,6 @@ def run(args) -> int:
                   "the end of its translation", file=sys.stderr)
         print(tok.decode(tokens), flush=True)
     return 0
-
-
-def decoded(mode: Mode, models: dict, sources: list[list[int]], batch_size: int, device):
-    """(tokens, BiLD result or None) for each source in order, decoding batch_size sources at a time."""
-    large, small = models.get("large"), models.get("small")
-    if batch_size == 1:
-        for ids in sources:
-            yield mode.decode(large, small, torch.tensor([ids], device=device))
-        return
-    pad = models[mode.models()[0]].config.pad_token_id
-    for i in range(0, len(sources), batch_size):
-        yield from mode.decode_batch(large, small, *right_pad(sources[i:i + batch_size], pad, device))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@ decisions on its own logits, so row i's tokens, stats and trace are those of bil
 (its unpadded source). Both models' caches are RaggedKVCaches (ragged.py): each row holds its own number of
 positions, a call feeds each row its own tokens at its own positions, and a rollback crops one row.
 
-Schedule. A row is waiting for the large model, in its small phase, or finished. Each iteration makes at
-most two calls:
-1. one large-model call over the rows waiting for it, each fed the tokens its large cache lacks (its last
-   verified token and its pending ones); each row then accepts or rolls back, and either finishes or
-   starts its small phase;
-2. one small-model call over the rows in their small phase (those the large call just handed back
-   included), each fed the tokens its small cache lacks; a row whose phase ends (fallback, handover, EOS
-   or the cap) waits for the next large call.
-A call index-selects its rows from the caches, so finished and waiting rows cost nothing; it pads its rows
-on the right to its longest one, and pays for it.
+Schedule, in rounds. A row is waiting for the large model, in its small phase, or finished. Each round:
+1. one large-model call over every unfinished row (all are waiting for it), each fed the tokens its large
+   cache lacks (its last verified token and its pending ones); each row accepts or rolls back, then either
+   finishes or starts its small phase;
+2. small-model calls, one per step, over the rows still in their small phase, each fed the tokens its small
+   cache lacks; a row whose phase ends (fallback, handover, EOS or the cap) waits for the next round.
+So every large call holds every unfinished row: the large model, the expensive one, is called as few times
+as the row that needs the most large calls needs, with as many rows as possible. A call index-selects its
+rows from the caches, so finished and waiting rows cost nothing; it pads its rows on the right to its
+longest one, and pays for that one.
 
 Like bild.generate, an early-exit small model is batch-1 only (its shared cache has one length). Outputs
 match bild.generate's exactly in tokens, decisions and stats; a probability or cross-entropy in the trace
@@ -57,25 +57,29 @@ def generate_batch(large: T5, small: T5, input_ids, attention_mask=None, *,
                                                          max_length=max_new_tokens + 1))
               for name, model in models.items()}
     rows = [Row([large.config.decoder_start_token_id]) for _ in range(input_ids.shape[0])]
+
+    def call(name: str):
+        """One call of the named model over the rows in that state; each row then takes its decision."""
+        batch = [b for b, row in enumerate(rows) if row.state == name]
+        for b, (start, fed, logits) in zip(batch, feed(models[name], caches[name], rows, batch)):
+            row = rows[b]
+            if name == "large":
+                step = verify(row.y, row.verified, start, fed, logits, rollback_threshold, eos, max_new_tokens)
+                if step.decision == "rollback":  # both caches keep y[:j] at most, in this row
+                    caches["large"].crop(b, step.rollback_at)
+                    caches["small"].crop(b, min(caches["small"].lengths[b].item(), step.rollback_at))
+                row.verified = len(row.y)
+                row.state = "done" if ended(row.y, eos, max_new_tokens) else "small"
+            else:
+                step = propose(row.y, row.verified, start, fed, logits, fallback_threshold, max_small_steps, eos,
+                               max_new_tokens)
+                row.state = "small" if step.decision == "pending" else "large"
+            row.trace.append(step)
+
     while any(row.state != "done" for row in rows):
-        for name in ("large", "small"):
-            batch = [b for b, row in enumerate(rows) if row.state == name]
-            if not batch:
-                continue
-            for b, (start, fed, logits) in zip(batch, feed(models[name], caches[name], rows, batch)):
-                row = rows[b]
-                if name == "large":
-                    step = verify(row.y, row.verified, start, fed, logits, rollback_threshold, eos, max_new_tokens)
-                    if step.decision == "rollback":  # both caches keep y[:j] at most, in this row
-                        caches["large"].crop(b, step.rollback_at)
-                        caches["small"].crop(b, min(caches["small"].lengths[b].item(), step.rollback_at))
-                    row.verified = len(row.y)
-                    row.state = "done" if ended(row.y, eos, max_new_tokens) else "small"
-                else:
-                    step = propose(row.y, row.verified, start, fed, logits, fallback_threshold, max_small_steps,
-                                   eos, max_new_tokens)
-                    row.state = "small" if step.decision == "pending" else "large"
-                row.trace.append(step)
+        call("large")  # every unfinished row: none is in its small phase here
+        while any(row.state == "small" for row in rows):
+            call("small")  # a row whose phase ended waits for the next large call
     return [BiLDResult(row.y[1:], BiLDStats.of(row.trace), row.trace) for row in rows]
 
 

@@ -1,7 +1,10 @@
 """The four ways minibild decodes, behind one call (one source, or a batch): used by the CLI and the scripts alike."""
 from dataclasses import dataclass
 
+import torch
+
 from . import bild
+from .batch import right_pad
 from .generate import greedy
 from .model import T5
 
@@ -57,6 +60,18 @@ class Mode:
                                       rollback_threshold=rollback, max_small_steps=self.max_small_steps,
                                       max_new_tokens=self.max_new_tokens)
         return [(result.tokens, result) for result in results]
+
+    def decode_batches(self, large: T5 | None, small: T5 | None, sources: list[list[int]], batch_size: int,
+                       device=None):
+        """Decode sources (token lists) batch_size at a time, in order: yield each batch's list of (tokens, BiLD
+        result or None). Batch size 1 runs decode (the batch-1 code), larger ones decode_batch."""
+        pad = (large or small).config.pad_token_id
+        for i in range(0, len(sources), batch_size):
+            batch = sources[i:i + batch_size]
+            if batch_size == 1:
+                yield [self.decode(large, small, torch.tensor(batch, device=device))]
+            else:
+                yield self.decode_batch(large, small, *right_pad(batch, pad, device))
 
     def models(self) -> tuple[str, ...]:
         """Which of the pair this mode runs."""

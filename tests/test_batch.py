@@ -42,22 +42,23 @@ def assert_same_result(got: bild.BiLDResult, expected: bild.BiLDResult):
             assert all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a.cross_entropy, b.cross_entropy, strict=True))
 
 
-def iterations(trace) -> list[int]:
-    """The iteration of generate_batch's schedule each step of a row's trace ran in: a small step right after
-    a large one runs in the large one's iteration; every other step in the next one."""
+def rounds(trace) -> list[int]:
+    """The round of generate_batch's schedule each step of a row's trace ran in: round k is the row's k-th large
+    call and the small calls after it."""
+    large_calls = 0
     numbers = []
-    for i, step in enumerate(trace):
-        same = i > 0 and step.model == "small" and trace[i - 1].model == "large"
-        numbers.append(numbers[-1] + (not same) if numbers else 0)
+    for step in trace:
+        large_calls += step.model == "large"
+        numbers.append(large_calls - 1)
     return numbers
 
 
 def batch_paths(results) -> Counter:
     """What a batch went through, counted: the rows' interplay the schedule must get right."""
     seen = Counter()
-    events = {}  # iteration -> decisions of the rows' steps in it, and "finish" for a row's last step
+    events = {}  # round -> decisions of the rows' steps in it, and "finish" for a row's last step
     for row, result in enumerate(results):
-        for n, (i, step) in zip(iterations(result.trace), enumerate(result.trace)):
+        for n, (i, step) in zip(rounds(result.trace), enumerate(result.trace)):
             events.setdefault(n, []).append((row, step.decision))
             if i == len(result.trace) - 1:
                 events[n].append((row, "finish"))
@@ -209,3 +210,25 @@ def test_bad_models_and_settings_are_refused(pair, kwargs, message):
     large, small = pair(*copy.deepcopy(model_pair("disagree")))
     with pytest.raises(ValueError, match=message):
         bild.generate_batch(large, small, torch.tensor([[3, 4]]), **kwargs)
+
+
+def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch):
+    calls = []
+    decode = ragged.decode
+
+    def recorded(model, cache, rows, ids, fed):
+        calls.append((model, rows.tolist()))
+        return decode(model, cache, rows, ids, fed)
+
+    monkeypatch.setattr(ragged, "decode", recorded)
+    large, small = model_pair("disagree")
+    sources = [random_source(seed)[0] for seed in range(6)]
+    results = bild.generate_batch(large, small, *padded(sources), rollback_threshold=2.0, max_small_steps=4,
+                                  max_new_tokens=16)
+    large_calls = [rows for model, rows in calls if model is large]
+    assert len(large_calls) == max(result.stats.large_calls for result in results) > 1
+    for k, rows in enumerate(large_calls):  # row b's k-th large call is in round k, with every row still going
+        assert rows == [b for b, result in enumerate(results) if result.stats.large_calls > k]
+    assert len({len(rows) for rows in large_calls}) > 1  # rows finished along the way
+    small_rows = sum(len(rows) for model, rows in calls if model is small)
+    assert small_rows == sum(result.stats.small_calls for result in results)

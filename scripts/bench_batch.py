@@ -1,0 +1,130 @@
+"""Throughput and latency of batched decoding: large greedy, BiLD at the defaults, exact BiLD (rollback 0) and
+speculative decoding (fallback 0, rollback 0, N = 5), at several batch sizes, on the shipped pair.
+
+    python scripts/bench_batch.py --limit 64 --threads 1 --batch-sizes 1 8 32 --rounds 3
+
+Each round decodes the first --limit sources of the split once with every (system, batch size), the order
+rotating from round to round so that drift in the machine's speed hits all alike; the figures are medians over
+rounds. Batch size 1 runs the batch-1 code (minibild.greedy on one row, bild.generate); larger ones batched
+greedy and bild.generate_batch, on batches of consecutive sources. Throughput: output tokens over the pass's
+seconds. A sentence's latency is its batch's seconds (it waits for the whole batch); the median over sentences.
+Every system must give the same outputs at every batch size; the script says whether it does. Last, how exact
+BiLD scales against large greedy from batch 1 to the second batch size given (8 by default): the ratio of the two
+throughput gains, which minibild aims to keep >= 0.8.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import (DTYPES, WEIGHTS, UsageError, device_name, load_pair, read_sources,  # noqa: E402
+                      report_errors)
+from minibild import bild  # noqa: E402
+from minibild.modes import Mode  # noqa: E402
+
+SYSTEMS = {"large greedy": Mode("large"), "BiLD": Mode("bild"),
+           "exact BiLD": Mode("bild", rollback_threshold=0.0), "speculative": Mode("speculative", max_small_steps=5)}
+TARGET = 0.8  # exact BiLD's batching gain over large greedy's
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="data/test.jsonl", help="JSONL with a 'source' per line")
+    p.add_argument("--limit", type=int, default=64, help="use only the first N sources (0: all)")
+    p.add_argument("--large", default=str(WEIGHTS / "large"))
+    p.add_argument("--small", default=str(WEIGHTS / "small"))
+    p.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rounds", type=int, default=3, help="timed passes per system and batch size")
+    p.add_argument("--json", help="also write the figures here")
+    return p.parse_args(argv)
+
+
+def timed_pass(mode: Mode, large, small, sources: list[list[int]], batch_size: int) -> tuple[list, list[float]]:
+    """Decode every source once, batch_size at a time -> (tokens per source, seconds per batch)."""
+    outputs, seconds = [], []
+    start = time.perf_counter()
+    for rows in mode.decode_batches(large, small, sources, batch_size):
+        seconds.append(time.perf_counter() - start)
+        outputs += [tokens for tokens, _ in rows]
+        start = time.perf_counter()
+    return outputs, seconds
+
+
+def measure(large, small, sources, batch_sizes: list[int], rounds: int) -> dict:
+    """Every (system, batch size) once per round, the order rotating -> {(system, batch size): {"outputs",
+    "tokens_per_s", "latency_ms"}}, medians over rounds."""
+    runs = [(label, b) for b in batch_sizes for label in SYSTEMS]
+    passes = {run: [] for run in runs}
+    for r in range(rounds):
+        turn = r * len(runs) // rounds
+        for label, b in runs[turn:] + runs[:turn]:
+            passes[label, b].append(timed_pass(SYSTEMS[label], large, small, sources, b))
+    figures = {}
+    for (label, b), timed in passes.items():
+        outputs = timed[0][0]
+        assert all(o == outputs for o, _ in timed), f"{label} at batch {b} decoded differently in two rounds"
+        tokens = sum(map(len, outputs))
+        per_sentence = [statistics.median(seconds[i // b] for _, seconds in timed) for i in range(len(sources))]
+        figures[label, b] = {"outputs": outputs,
+                             "tokens_per_s": statistics.median(tokens / sum(seconds) for _, seconds in timed),
+                             "latency_ms": 1000 * statistics.median(per_sentence)}
+    return figures
+
+
+def run(args):
+    if args.limit < 0 or args.rounds < 1 or min(args.batch_sizes) < 1 or args.max_new_tokens < 1:
+        raise UsageError("--limit must be >= 0, and --rounds, --batch-sizes and --max-new-tokens >= 1")
+    batch_sizes = sorted(set(args.batch_sizes))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype])
+    sources, _ = read_sources(args.split, args.limit, tok, args.large)
+    figures = measure(large, small, sources, batch_sizes, args.rounds)
+
+    print(f"{len(sources)} sources of {args.split}, {args.large} / {args.small} on {device_name(device)} "
+          f"({args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}); median of {args.rounds} "
+          "interleaved rounds")
+    print("system".ljust(14) + "".join(f"{f'batch {b}: tok/s  ms/sent':>26}" for b in batch_sizes))
+    for label in SYSTEMS:
+        print(label.ljust(14) + "".join(f"{figures[label, b]['tokens_per_s']:>17.1f}{figures[label, b]['latency_ms']:>9.0f}"
+                                        for b in batch_sizes))
+    identical = {label: all(figures[label, b]["outputs"] == figures[label, batch_sizes[0]]["outputs"]
+                            for b in batch_sizes) for label in SYSTEMS}
+    for label, same in identical.items():
+        print(f"  {label}: outputs {'identical' if same else 'DIFFER'} across batch sizes {batch_sizes}")
+    report = {"meta": {"split": args.split, "sentences": len(sources), "large": args.large, "small": args.small,
+                       "dtype": args.dtype, "threads": torch.get_num_threads(), "rounds": args.rounds,
+                       "device": device_name(device), "torch": torch.__version__,
+                       "python": platform.python_version()},
+              "identical_across_batch_sizes": identical,
+              "figures": {f"{label} @ {b}": {k: v for k, v in entry.items() if k != "outputs"}
+                          for (label, b), entry in figures.items()}}
+    if len(batch_sizes) > 1 and batch_sizes[0] == 1:
+        b = batch_sizes[1]
+        gain = {label: figures[label, b]["tokens_per_s"] / figures[label, 1]["tokens_per_s"]
+                for label in ("exact BiLD", "large greedy")}
+        ratio = gain["exact BiLD"] / gain["large greedy"]
+        report["scaling"] = {"batch_size": b, "exact_bild_gain": gain["exact BiLD"],
+                             "large_greedy_gain": gain["large greedy"], "ratio": ratio}
+        print(f"batch {b} over batch 1: exact BiLD {gain['exact BiLD']:.2f}x, large greedy "
+              f"{gain['large greedy']:.2f}x; ratio {ratio:.2f} (target >= {TARGET})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    return report_errors("bench_batch", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
