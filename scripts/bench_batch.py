@@ -96,8 +96,8 @@ def run(args):
           "interleaved rounds")
     print("system".ljust(14) + "".join(f"{f'batch {b}: tok/s  ms/sent':>26}" for b in batch_sizes))
     for label in SYSTEMS:
-        print(label.ljust(14) + "".join(f"{figures[label, b]['tokens_per_s']:>17.1f}{figures[label, b]['latency_ms']:>9.0f}"
-                                        for b in batch_sizes))
+        cells = [(figures[label, b]["tokens_per_s"], figures[label, b]["latency_ms"]) for b in batch_sizes]
+        print(label.ljust(14) + "".join(f"{rate:>17.1f}{ms:>9.0f}" for rate, ms in cells))
     identical = {label: all(figures[label, b]["outputs"] == figures[label, batch_sizes[0]]["outputs"]
                             for b in batch_sizes) for label in SYSTEMS}
     for label, same in identical.items():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import minibild
+from bench_batch import main as bench_batch_main
 from evaluate import main as evaluate_main
 from minibild.weights import save_hf
 from sweep import fastest_within, lcs_length, pareto_front, rouge_l
@@ -169,6 +170,31 @@ def test_evaluate_and_sweep_refuse_a_small_model_with_another_tokenizer(pair, tm
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("evaluate: error: the large and small models have different tokenizers")
     assert err[1].startswith("sweep: error: the large and b models have different tokenizers")
+
+
+# --- bench_batch.py ------------------------------------------------------------------------------------------
+
+def test_bench_batch_end_to_end(pair, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_batch_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--limit", "6", "--dtype", "float64",
+                             "--batch-sizes", "4", "1", "--rounds", "2", "--max-new-tokens", "10",
+                             "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["sentences"] == 6 and report["meta"]["rounds"] == 2
+    assert report["identical_across_batch_sizes"] == {system: True for system in
+                                                      ("large greedy", "BiLD", "exact BiLD", "speculative")}
+    assert len(report["figures"]) == 8 and all(entry["tokens_per_s"] > 0 and entry["latency_ms"] > 0
+                                               for entry in report["figures"].values())
+    scaling = report["scaling"]
+    assert scaling["batch_size"] == 4
+    assert scaling["ratio"] == pytest.approx(scaling["exact_bild_gain"] / scaling["large_greedy_gain"])
+    printed = capsys.readouterr().out
+    assert printed.count("identical across batch sizes [1, 4]") == 4 and "ratio" in printed
+
+
+def test_bench_batch_refuses_a_bad_batch_size(pair, capsys):
+    assert bench_batch_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--batch-sizes", "0"]) == 2
+    assert capsys.readouterr().err.startswith("bench_batch: error: --limit must be >= 0, and --rounds, --batch-sizes")
 
 
 # --- sweep.py ----------------------------------------------------------------------------------------------
