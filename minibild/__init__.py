@@ -1,5 +1,6 @@
 """minibild: a reference implementation of Big Little Decoder (BiLD) speculative decoding for T5."""
 from .config import T5Config
+from . import bild  # before anything imports batch.py, which takes bild's decisions while bild re-exports it
 from .generate import greedy
 from .early_exit import EarlyExit
 from .model import T5, KVCache

@@ -8,6 +8,8 @@ Models, sources and settings are test_bild.py's (tests/tiny_models.py).
 import copy
 import math
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -232,3 +234,10 @@ def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch
     assert len({len(rows) for rows in large_calls}) > 1  # rows finished along the way
     small_rows = sum(len(rows) for model, rows in calls if model is small)
     assert small_rows == sum(result.stats.small_calls for result in results)
+
+
+@pytest.mark.parametrize("statement", ["import minibild.batch", "from minibild.batch import right_pad",
+                                       "from minibild.bild import generate_batch", "import minibild.ragged"])
+def test_any_import_order_works(statement):
+    """bild re-exports batch's generate_batch, and batch takes bild's decisions: neither may be imported half-done."""
+    subprocess.run([sys.executable, "-c", statement], check=True)
