@@ -82,6 +82,8 @@ class RaggedCall:
 def decode(model: T5, cache: RaggedKVCache, rows, ids, fed):
     """Feed row rows[a] of the cache its tokens ids[a, :fed[a]] after the positions it holds -> logits (A, T, V),
     of which row a's first fed[a] are real. rows (A,) distinct, ids (A, T) right-padded, fed (A,) >= 1."""
+    if not ((fed >= 1) & (fed <= ids.shape[1])).all():
+        raise ValueError(f"fed must give each row 1 to {ids.shape[1]} tokens (ids' width), got {fed.tolist()}")
     call = RaggedCall(cache, rows, fed)
     decoder = model.decoder
     h = decoder.run_layers(decoder.dropout(model.embed(ids)), call, call.start, range(len(decoder.layers)))

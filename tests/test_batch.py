@@ -176,6 +176,8 @@ def test_ragged_crop_and_length_errors():
     ragged.decode(model, cache, torch.tensor([1]), torch.tensor([[7, 8]]), torch.tensor([2]))
     with pytest.raises(ValueError, match=r"crop\(0, 1\): row 0 holds 0 positions; n must be in \[0, 0\]"):
         cache.crop(0, 1)
+    with pytest.raises(ValueError, match=r"fed must give each row 1 to 2 tokens \(ids' width\), got \[0\]"):
+        ragged.decode(model, cache, torch.tensor([0]), torch.tensor([[7, 8]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="at most 3 decoder positions, asked for 4"):
         ragged.decode(model, cache, torch.tensor([0, 1]), torch.tensor([[7, 8], [9, PAD]]), torch.tensor([2, 2]))
 
