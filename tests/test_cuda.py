@@ -1,6 +1,6 @@
 """What only a CUDA GPU can check (skipped without one; scripts/gpu_report.sh runs these first): minibild's T5 in
-float32, float16 and bfloat16 on the GPU against transformers on the same GPU, BiLD's exactness on the GPU, and
-the shipped pair in every dtype."""
+float32, float16 and bfloat16 on the GPU against transformers on the same GPU, BiLD's exactness on the GPU (batched
+too), and the shipped pair in every dtype."""
 import copy
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from tiny_models import sharp_random_t5
 
 import minibild
 from minibild import bild, greedy
+from minibild.batch import right_pad
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_report.sh)")
 CUDA = torch.device("cuda")
@@ -83,6 +84,23 @@ def test_bild_on_cuda_equals_bild_on_cpu_and_stays_exact():
         assert bild.speculative(*gpu, src.to(CUDA), k=3, max_new_tokens=20).tokens == expected
         assert bild.generate(gpu[0], minibild.EarlyExit(gpu[0], 1), src.to(CUDA), **exact).tokens == expected
     assert rollbacks > 0  # the comparison covered the rollback path
+
+
+def test_generate_batch_on_cuda_equals_bild_on_cpu():
+    """float64: each row of a batch decoded on the GPU (ragged caches, rows of different lengths) makes the
+    decisions bild.generate makes on that row alone on the CPU."""
+    cpu = tiny_pair()
+    gpu = tuple(copy.deepcopy(m).to(CUDA) for m in cpu)
+    sources = [torch.randint(2, 64, (3 + seed,), generator=torch.Generator().manual_seed(seed)) for seed in range(6)]
+    rollbacks = 0
+    for fallback, rollback in [(0.6, 0.0), (0.6, 5.0), (0.9, 1.0)]:
+        settings = dict(fallback_threshold=fallback, rollback_threshold=rollback, max_small_steps=4,
+                        max_new_tokens=20)
+        results = bild.generate_batch(*gpu, *right_pad(sources, 0, CUDA), **settings)
+        assert [decisions(r) for r in results] == [decisions(bild.generate(*cpu, src[None], **settings))
+                                                   for src in sources]
+        rollbacks += sum(r.stats.rollbacks for r in results)
+    assert rollbacks > 0
 
 
 # --- the shipped pair ------------------------------------------------------------------------------------------
