@@ -117,7 +117,7 @@ def run(args) -> int:
     if args.trace and mode.name in ("large", "small"):
         raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")
     early_exit = args.exit_layer is not None
-    if isinstance(args.batch_size, bool) or args.batch_size < 1:
+    if args.batch_size < 1:
         raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     if early_exit and args.batch_size > 1:
         raise UsageError("--exit-layer is batch-1 only (the early-exit model shares one cache with the large "

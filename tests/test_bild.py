@@ -1,8 +1,8 @@
 """Property tests for minibild.bild: BiLD's exactness guarantees, its cache bookkeeping, its validation.
 
-Models are tiny random float64 T5s. "agree" pairs: the small model is the large one plus a little noise,
-so most small tokens are accepted. "disagree" pairs: an independent, narrower small model, so rollbacks
-are common. "same": one model as both. Every run goes through `checked_generate`, which records each
+Models are tiny random float64 T5s (tests/tiny_models.py). "agree" pairs: the small model is the large one plus
+a little noise, so most small tokens are accepted. "disagree" pairs: an independent, narrower small model, so
+rollbacks are common. "same": one model as both. Every run goes through `checked_generate`, which records each
 decode/encode call and replays the trace against an independent reading of the policy. Each property test
 counts the paths of the loop its examples reached (`paths`) and asserts a minimum for every path it can reach.
 """
