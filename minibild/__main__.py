@@ -7,6 +7,7 @@ Prints exactly one line per input on stdout (a blank one for a blank input line)
 and traces go to stderr.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def main(argv=None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"minibild: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader left early (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 1
 
 
 def run(args) -> int:

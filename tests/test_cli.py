@@ -214,3 +214,15 @@ def test_numpy_is_declared_because_torch_warns_without_it():
     assert "Failed to initialize NumPy" in without_numpy.stderr
     dependencies = re.search(r"^dependencies = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)[1]
     assert '"numpy' in dependencies, dependencies
+
+
+def test_a_reader_that_leaves_early_stops_it_quietly():
+    # `python -m minibild < in.txt | head -1`: once stdout's reader is gone, it stops without a traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "minibild", "--mode", "small", "--max-new-tokens", "8"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # the reader leaves before the first line
+    proc.stdin.write(b"Dios es amor.\n" * 3)
+    proc.stdin.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
