@@ -16,6 +16,11 @@ from minibild.__main__ import main
 ROOT = Path(__file__).resolve().parents[1]
 LARGE, SMALL = ROOT / "weights" / "large", ROOT / "weights" / "small"
 ALIGNED = ROOT / "weights" / "aligned-small"  # the small model fine-tuned on the large one's outputs
+KJV = ROOT / "weights" / "kjv-web"  # the King James -> World English Bible pair
+# (large, small, test split) of every shipped pair
+PAIRS = {"small": (LARGE, SMALL, ROOT / "data" / "test.jsonl"),
+         "aligned-small": (LARGE, ALIGNED, ROOT / "data" / "test.jsonl"),
+         "kjv-web": (KJV / "large", KJV / "small", ROOT / "data" / "kjv-web" / "test.jsonl")}
 
 
 def run_cli(capsys, *args, stdin=None, monkeypatch=None):
@@ -26,12 +31,14 @@ def run_cli(capsys, *args, stdin=None, monkeypatch=None):
     return status, out, err
 
 
-@pytest.mark.parametrize("small_path", [SMALL, ALIGNED], ids=["small", "aligned-small"])
-def test_shipped_pair_loads_with_its_tokenizer(small_path):
-    large, small = minibild.load(LARGE), minibild.load(small_path)
+@pytest.mark.parametrize("pair", PAIRS)
+def test_shipped_pair_loads_with_its_tokenizer(pair):
+    large_path, small_path, _ = PAIRS[pair]
+    large, small = minibild.load(large_path), minibild.load(small_path)
     assert large.embed.weight.dtype == torch.float32  # stored as float16, computed in float32 by default
-    assert large.config.vocab_size == small.config.vocab_size == minibild.Tokenizer(LARGE / "spiece.model").vocab_size
-    assert (LARGE / "spiece.model").read_bytes() == (small_path / "spiece.model").read_bytes()
+    vocab_size = minibild.Tokenizer(large_path / "spiece.model").vocab_size
+    assert large.config.vocab_size == small.config.vocab_size == vocab_size
+    assert (large_path / "spiece.model").read_bytes() == (small_path / "spiece.model").read_bytes()
 
 
 def test_translates_a_known_sentence_sensibly(capsys):
@@ -41,11 +48,19 @@ def test_translates_a_known_sentence_sensibly(capsys):
     assert out.count("\n") == 1 and "god" in words and "love" in words, out
 
 
-@pytest.mark.parametrize("small_path", [SMALL, ALIGNED], ids=["small", "aligned-small"])
-def test_rollback_zero_on_the_shipped_pair_is_large_greedy_in_float64(small_path):
-    large, small = minibild.load(LARGE, dtype=torch.float64), minibild.load(small_path, dtype=torch.float64)
-    tok = minibild.Tokenizer(LARGE / "spiece.model")
-    rows = [json.loads(line) for line in (ROOT / "data" / "test.jsonl").read_text().splitlines()[:3]]
+@pytest.mark.parametrize("mode", ["large", "small"])
+def test_the_kjv_pair_modernizes_a_known_verse(capsys, mode):
+    status, out, _ = run_cli(capsys, "--large", str(KJV / "large"), "--small", str(KJV / "small"), "--mode", mode,
+                             "And God said, Let there be light: and there was light.")
+    assert status == 0 and out.startswith("God said, “Let there be light"), out  # the WEB's wording
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_rollback_zero_on_the_shipped_pair_is_large_greedy_in_float64(pair):
+    large_path, small_path, split = PAIRS[pair]
+    large, small = minibild.load(large_path, dtype=torch.float64), minibild.load(small_path, dtype=torch.float64)
+    tok = minibild.Tokenizer(large_path / "spiece.model")
+    rows = [json.loads(line) for line in split.read_text().splitlines()[:3]]
     for row in rows:
         ids = torch.tensor([tok.encode(row["source"])])
         expected = minibild.greedy(large, ids, 48)[0]
