@@ -16,19 +16,22 @@ def greedy(model: T5, input_ids, max_new_tokens: int, attention_mask=None) -> li
     check_count("max_new_tokens", max_new_tokens)
     config = model.config
     cache = model.new_cache(model.encode(input_ids, attention_mask), attention_mask, max_length=max_new_tokens)
-    B = input_ids.shape[0]
-    token = torch.full((B, 1), config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    steps = []
+    outputs = [[] for _ in range(input_ids.shape[0])]
+    rows = list(range(input_ids.shape[0]))  # the rows still decoding, in the cache's order
+    token = torch.full((len(rows), 1), config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model.decode(token, cache)[:, -1]  # (B, V)
-        token = logits.argmax(-1).masked_fill(done, config.pad_token_id)[:, None]  # finished rows emit pad
-        steps.append(token)
-        done |= token[:, 0] == config.eos_token_id
-        if done.all():
+        token = model.decode(token, cache)[:, -1].argmax(-1, keepdim=True)  # (rows, 1)
+        tokens = token[:, 0].tolist()
+        for row, t in zip(rows, tokens):
+            outputs[row].append(t)
+        going = [i for i, t in enumerate(tokens) if t != config.eos_token_id]
+        if not going:
             break
-    rows = torch.cat(steps, dim=1).tolist()
-    return [row[: row.index(config.eos_token_id) + 1] if config.eos_token_id in row else row for row in rows]
+        if len(going) < len(rows):  # a finished row leaves the batch, so that it costs nothing more
+            keep = torch.tensor(going, device=input_ids.device)
+            cache.keep_rows(keep)
+            rows, token = [rows[i] for i in going], token[keep]
+    return outputs
 
 
 def check_eval(name: str, model) -> None:

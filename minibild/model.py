@@ -249,6 +249,12 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def keep_rows(self, rows):
+        """Keep only the batch rows at these indices (B',), in this order; the others leave the batch."""
+        self.cross_keys, self.cross_values = [k[rows] for k in self.cross_keys], [v[rows] for v in self.cross_values]
+        self.cross_bias = self.cross_bias[rows]
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+
     def crop(self, n: int):
         """Keep the first n decoder positions, dropping the rest."""
         if not 0 <= n <= self.length:
