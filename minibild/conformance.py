@@ -222,6 +222,7 @@ CASES = [
     Case("v1.1-fallback-above-1", "v1.1", [22, 57, 53, 44, 20, 15, 1], 1.5, 0.5, 1, 6),
     Case("v1.1-accept-n-1", "v1.1", [58, 29, 38, 1], 0.0, 5.0, 1, 6),
     Case("v1.1-bild", "v1.1", [3, 19, 13, 31, 9, 60, 43, 1], 0.4, 5.0, 3, 12),
+    Case("v1.1-official-rule", "v1.1", [63, 17, 16, 29, 25, 1], 0.4, 0.5, 3, 12),
     Case("early-exit-speculative", "early-exit", [22, 57, 53, 44, 20, 15, 1], 0.0, 0.0, 3, 6),
     Case("early-exit-rollback-0-n-1", "early-exit", [58, 29, 38, 1], 1.5, 0.0, 1, 6),
     Case("early-exit-speculative-n-1", "early-exit", [63, 17, 16, 29, 25, 1], 0.0, 0.0, 1, 6),
@@ -232,48 +233,54 @@ CASES = [
 ]
 
 
-def write(out, cases=CASES):
+def write(out, cases=CASES) -> Path:
     """Write the suite to the folder `out` (replacing it): the pairs, then every case in both dtypes. Refuses
     (ValueError) a suite that misses a path of PATHS or holds a case whose float32 and float64 decisions differ,
     a decision closer than ROBUST to flipping, or a large-greedy case that is not large greedy."""
     out = Path(out)
     staging = out.with_name(out.name + ".partial")  # `out` is replaced only once the whole suite checks out
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write(staging, cases)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+def _write(root: Path, cases: list[Case]):
     for pair in PAIRS:
         for name, model in build_pair(pair).items():
-            save(model, staging / "models" / pair / name / "minibild")
-            save_hf(model, staging / "models" / pair / name / "hf")
+            save(model, root / "models" / pair / name / "minibild")
+            save_hf(model, root / "models" / pair / name / "hf")
     covered = {path: [] for path in PATHS}
     for case in cases:
-        models = {dtype: load_pair(staging, case.pair, DTYPES[dtype]) for dtype in DTYPES}  # (large, small) each
+        models = {dtype: load_pair(root, case.pair, DTYPES[dtype]) for dtype in DTYPES}  # (large, small) each
         runs = {dtype: run_case(*models[dtype], case) for dtype in DTYPES}
         _check_case(case, models["float64"][0], runs)
         config = models["float64"][0].config
         paths = case_paths(case, runs["float64"][0], config.eos_token_id)
         for path in paths:
             covered[path].append(case.name)
-        folder = staging / "cases" / case.name
-        folder.mkdir(parents=True)
-        large = f"models/{case.pair}/large"
         exit_layer = PAIRS[case.pair].get("exit_layer")
-        meta = {"name": case.name, "pair": case.pair, "large": large,
+        meta = {"name": case.name, "pair": case.pair, "large": f"models/{case.pair}/large",
                 "small": None if exit_layer else f"models/{case.pair}/small", "exit_layer": exit_layer,
                 "input_ids": case.input_ids, "settings": case.settings, "eos_token_id": config.eos_token_id,
                 "decoder_start_token_id": config.decoder_start_token_id,
                 "paths": paths, "tokens": {dtype: result.tokens for dtype, (result, _) in runs.items()}}
+        folder = root / "cases" / case.name
+        folder.mkdir(parents=True)
         (folder / "case.json").write_text(json.dumps(meta, indent=1) + "\n")
         for dtype, (result, records) in runs.items():
             (folder / f"trace.{dtype}.jsonl").write_text(bild.trace_to_jsonl(result.trace))
             (folder / f"logits.{dtype}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     missing = [path for path, names in covered.items() if not names]
     if missing:
-        shutil.rmtree(staging)
         raise ValueError(f"the cases cover no case of these paths: {', '.join(missing)}; add cases (see search)")
     index = {"cases": [case.name for case in cases], "paths": covered, "robust_nats": ROBUST}
-    (staging / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out
+    (root / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 def _check_case(case: Case, large64: T5, runs: dict):

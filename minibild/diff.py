@@ -4,7 +4,7 @@
 
 Two traces are equivalent when they make the same calls (model, start, fed tokens), the same argmaxes and the same
 decisions, with probabilities and cross-entropies equal up to the tolerance (in nats: differences of log-probability).
-Exit status 0 when they are, 1 when not, with a report of the first divergent call and one classification:
+Exit status 0 when they are, 1 when not (2: a file it cannot read), with a report of the first divergent call and one classification:
 
   cache     ACTUAL fed a call other tokens than exactly those its model's cache lacks: positions recomputed,
             skipped or fed twice. Read off ACTUAL alone, by replaying y and each model's cache length.
@@ -329,21 +329,26 @@ def diff(expected: list, actual: list, settings: Settings | None = None, logits:
     return Report(expected, actual, k, classify(e, a, k, margins, settings, tolerance), own)
 
 
+def fail(message: str):
+    """A file or argument it cannot use: exit status 2, as argparse's own errors, not 1 (the traces differ)."""
+    print(f"minibild.diff: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def read_trace(path) -> list:
     try:
         return trace_from_jsonl(Path(path).read_text())
     except OSError as e:
-        raise SystemExit(f"minibild.diff: error: cannot read {path}: {e.strerror}")
+        fail(f"cannot read {path}: {e.strerror}")
     except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"minibild.diff: error: {path} is not a BiLD trace (JSON lines as minibild.trace writes "
-                         f"them): {e}")
+        fail(f"{path} is not a BiLD trace (JSON lines as minibild.trace writes them): {e}")
 
 
 def read_json_lines(path) -> list[dict]:
     try:
         return [json.loads(line) for line in Path(path).read_text().splitlines()]
     except (OSError, ValueError) as e:
-        raise SystemExit(f"minibild.diff: error: {path}: cannot read JSON lines: {e}")
+        fail(f"{path}: cannot read JSON lines: {e}")
 
 
 def main(argv=None) -> int:
@@ -363,11 +368,11 @@ def main(argv=None) -> int:
         try:
             settings = Settings.from_case(json.loads(Path(args.case).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"minibild.diff: error: --case {args.case}: expected a conformance case.json: {e}")
+            fail(f"--case {args.case}: expected a conformance case.json: {e}")
     logits = read_json_lines(args.logits) if args.logits else None
     if logits is not None and len(logits) != len(expected):
-        raise SystemExit(f"minibild.diff: error: --logits {args.logits} has {len(logits)} records, the expected "
-                         f"trace {len(expected)} calls: give the logits file of the same case and dtype")
+        fail(f"--logits {args.logits} has {len(logits)} records, the expected trace {len(expected)} calls: give the "
+             "logits file of the same case and dtype")
     tolerance = TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
     report = diff(expected, actual, settings, logits, tolerance)
     print(report)

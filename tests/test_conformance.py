@@ -97,6 +97,8 @@ def port(large, small, case, bug=None) -> list:
             verified = len(y)
             if ended(y, eos, s["max_new_tokens"]):
                 break
+            if bug == "large model again after a rollback" and step.decision == "rollback":
+                continue
             while True:
                 step = call("small", propose, s["fallback_threshold"], s["max_small_steps"], eos, s["max_new_tokens"])
                 if step.decision == "fallback" and bug == "fallback token kept":
@@ -134,6 +136,7 @@ BUGS = {
     "official rule": ("policy", "official rule", official_rule),
     "fallback token kept": ("policy", "fallback token kept", None),
     "token appended after EOS": ("policy", "appended after EOS", append_after_eos),
+    "large model again after a rollback": ("policy", "ran again right after its rollback", None),
 }
 
 
@@ -189,8 +192,9 @@ def test_the_command_line(tmp_path, capsys):
     assert main([args[0], str(tmp_path / "bad.jsonl"), *args[1:]]) == 1
     out = capsys.readouterr().out
     assert f"first divergent call: {len(trace)}" in out and "cache error" in out
-    with pytest.raises(SystemExit, match="not a BiLD trace"):
+    with pytest.raises(SystemExit) as exit:
         main([args[0], str(folder / "case.json")])
+    assert exit.value.code == 2 and "case.json is not a BiLD trace" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pair", PAIRS)
