@@ -316,7 +316,8 @@ def search(pair: str, sources: int = 8):
             result, records = run_case(large, small, case)
             margin = closest_call(case, result, records)
             if margin >= ROBUST:
-                print(f"{pair} {ids} {settings} margin {margin:.3f} | {' | '.join(case_paths(case, result, large.config.eos_token_id))}")
+                paths = case_paths(case, result, large.config.eos_token_id)
+                print(f"{pair} {ids} {settings} margin {margin:.3f} | {' | '.join(paths)}")
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,8 @@
 
 Two traces are equivalent when they make the same calls (model, start, fed tokens), the same argmaxes and the same
 decisions, with probabilities and cross-entropies equal up to the tolerance (in nats: differences of log-probability).
-Exit status 0 when they are, 1 when not (2: a file it cannot read), with a report of the first divergent call and one classification:
+Exit status 0 when they are, 1 when not (2: a file it cannot read), with a report of the first divergent call and
+one classification:
 
   cache     ACTUAL fed a call other tokens than exactly those its model's cache lacks: positions recomputed,
             skipped or fed twice. Read off ACTUAL alone, by replaying y and each model's cache length.
@@ -17,7 +18,8 @@ Exit status 0 when they are, 1 when not (2: a file it cannot read), with a repor
             tolerance of its threshold. Not a bug; a float32 port may flip such a decision.
   model     ACTUAL follows the policy and its caches, but its numbers differ beyond the tolerance where no decision
             is a near-tie: the model itself computes other logits (weights, layers, output scale).
-  unclassified  an argmax differs and no --logits file gives EXPECTED's margin there.
+  unclassified  an argmax differs and neither --logits nor the trace's probabilities bound EXPECTED's margin
+            there above the tolerance.
 
 A cache or policy error at or before the first divergence wins: it is a bug whatever the numbers.
 """
@@ -88,8 +90,8 @@ def check(trace: list, settings: Settings | None = None) -> Finding | None:
         if step.model == "small":
             if settings:
                 rule = decide_small(y.copy(), verified, step.start, step.fed, step.token, step.prob,
-                                         settings.fallback_threshold, settings.max_small_steps,
-                                         settings.eos_token_id, settings.max_new_tokens)
+                                    settings.fallback_threshold, settings.max_small_steps, settings.eos_token_id,
+                                    settings.max_new_tokens)
                 if rule.decision != step.decision:
                     return Finding("policy", k, _small_rule(step, rule, settings))
             if step.decision == "fallback":
@@ -102,9 +104,8 @@ def check(trace: list, settings: Settings | None = None) -> Finding | None:
                                         f"{len(y) - verified + 1} argmaxes and {len(y) - verified} cross-entropies, "
                                         f"got {len(step.argmax)} and {len(step.cross_entropy)}")
         if settings:
-            after = y.copy()
-            rule = decide_large(after, verified, step.start, step.fed, step.argmax, step.cross_entropy,
-                                     settings.rollback_threshold, settings.eos_token_id, settings.max_new_tokens)
+            rule = decide_large(y.copy(), verified, step.start, step.fed, step.argmax, step.cross_entropy,
+                                settings.rollback_threshold, settings.eos_token_id, settings.max_new_tokens)
             if (rule.decision, rule.rollback_at, rule.appended) != (step.decision, step.rollback_at, step.appended):
                 return Finding("policy", k, _large_rule(step, rule, y, verified, settings))
         if step.decision == "rollback":
@@ -241,18 +242,22 @@ def _far(x: float, z: float, tolerance: float) -> bool:
 def classify(e, a, k: int, margins: list[float] | None, settings: Settings | None, tolerance: float) -> Finding:
     """Why call k differs, ACTUAL being consistent with the policy and its caches up to it."""
     if e.model == "small":
-        argmaxes, positions = [(e.token, a.token, -1)], [e.start + len(e.fed) - 1]
+        argmaxes = [(e.start + len(e.fed) - 1, e.token, a.token, -1)]  # (position, expected, actual, logits row)
     else:
-        argmaxes = [(x, z, i) for i, (x, z) in enumerate(zip(e.argmax, a.argmax))]
-        positions = [e.start + i for i in range(len(e.argmax))]
-    for (x, z, i) in argmaxes:
-        if x != z:
-            where = f"argmax at position {positions[i]}: expected {x}, actual {z}"
-            if margins is None:
-                return Finding("unclassified", k, f"{where}; give --logits to tell a near-tie from a model error")
+        argmaxes = [(e.start + i, x, z, i) for i, (x, z) in enumerate(zip(e.argmax, a.argmax))]
+    for position, x, z, i in argmaxes:
+        if x == z:
+            continue
+        where = f"argmax at position {position}: expected {x}, actual {z}"
+        if margins is not None:
             kind = "numerics" if margins[i] < tolerance else "model"
             return Finding(kind, k, f"{where}, where the expected top-1/top-2 margin is {margins[i]:.3g} nats, "
                                     f"{'below' if kind == 'numerics' else 'not below'} the tolerance {tolerance:g}")
+        bound = _margin_bound(e, i)
+        if bound >= tolerance:
+            return Finding("model", k, f"{where}, where the expected top-1/top-2 margin is at least {bound:.3g} nats "
+                                       f"(from the trace's probability), not below the tolerance {tolerance:g}")
+        return Finding("unclassified", k, f"{where}; give --logits to tell a near-tie from a model error")
     floats = _float_difference(e, a, tolerance)
     if floats:
         return Finding("model", k, f"{floats}: more than the tolerance {tolerance:g} nats apart")
@@ -270,6 +275,19 @@ def classify(e, a, k: int, margins: list[float] | None, settings: Settings | Non
         return Finding("unclassified", k, f"decision {e.decision} vs {a.decision} on the same numbers, no "
                                           "threshold near-tie: was EXPECTED made with these settings?")
     return Finding("unclassified", k, f"decision {e.decision} vs {a.decision}; give --case to check the policy")
+
+
+def _margin_bound(e, i: int) -> float:
+    """Without logits, the trace still bounds EXPECTED's margin where it knows the top probability p: the second
+    one is at most 1 - p, so the margin is at least log p - log(1 - p). Known at a small call, and at a pending
+    position of a large call whose token is the argmax (its cross-entropy is -log p); -inf elsewhere."""
+    if e.model == "small":
+        p = e.prob
+    elif i < len(e.cross_entropy) and e.fed[1 + i] == e.argmax[i]:
+        p = math.exp(-e.cross_entropy[i])
+    else:
+        return -math.inf
+    return _log(p) - _log(1 - p) if p < 1 else math.inf
 
 
 @dataclass

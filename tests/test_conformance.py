@@ -180,6 +180,17 @@ def test_a_planted_near_tie_is_numerics(monkeypatch):
     assert diff(trace, actual, settings, None, tolerance=2 * margin).finding.kind == "unclassified"
 
 
+def test_without_logits_the_trace_bounds_the_margin():
+    """A confident small token changed: its probability alone shows the argmax was no near-tie."""
+    case = next(case for case in CASES if case.name == "v1.1-bild")
+    trace, _, settings = expected(case)
+    k = next(k for k, step in enumerate(trace) if step.model == "small" and step.prob > 0.9)
+    actual = trace_from_jsonl(trace_to_jsonl(trace))
+    actual[k].token += 1
+    report = diff(trace, actual, settings, None)
+    assert (report.divergence, report.finding.kind) == (k, "model") and "at least" in report.finding.why, report
+
+
 def test_the_command_line(tmp_path, capsys):
     folder = SUITE / "cases" / "v1.1-bild"
     args = [str(folder / "trace.float64.jsonl"), "--case", str(folder / "case.json"), "--logits",
