@@ -278,7 +278,7 @@ def _write(root: Path, cases: list[Case]):
             (folder / f"logits.{dtype}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     missing = [path for path, names in covered.items() if not names]
     if missing:
-        raise ValueError(f"the cases cover no case of these paths: {', '.join(missing)}; add cases (see search)")
+        raise ValueError(f"no case covers these paths: {', '.join(missing)}; add cases (see search)")
     index = {"cases": [case.name for case in cases], "paths": covered, "robust_nats": ROBUST}
     (root / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 

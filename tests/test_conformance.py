@@ -1,6 +1,7 @@
 """The conformance suite (conformance/, minibild/conformance.py) and the trace diff (minibild/diff.py).
 
-The suite regenerates byte for byte and minibild passes every case. A port of the loop with one planted bug at a
+The suite regenerates byte for byte (safetensors headers compared parsed), covers every path (the writer refuses
+a suite that does not), and minibild passes every case. A port of the loop with one planted bug at a
 time (`port`) must fail the diff with the right classification on every case where it diverges, and diverge on
 at least one; the same port without a bug passes every case. A planted near-tie is numerics, not a bug. The
 Hugging Face copies of the suite's models give the expected logits in transformers.
@@ -53,6 +54,12 @@ def test_the_suite_covers_every_path_on_every_pair():
     assert [path for path in PATHS if not index["paths"][path]] == []
     assert {case.pair for case in CASES} == set(PAIRS)
     assert (SUITE / "models/v1.0/large/hf/config.json").exists() and not list(SUITE.rglob("spiece.model"))
+
+
+def test_the_writer_refuses_an_incomplete_suite(tmp_path):
+    with pytest.raises(ValueError, match="no case covers these paths: fallback, "):
+        write(tmp_path / "suite", CASES[:1])
+    assert list(tmp_path.iterdir()) == []  # neither the suite nor its staging folder
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
