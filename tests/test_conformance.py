@@ -3,7 +3,8 @@
 The suite regenerates byte for byte (safetensors headers compared parsed), covers every path (the writer refuses
 a suite that does not), and minibild passes every case. A port of the loop with one planted bug at a
 time (`port`) must fail the diff with the right classification on every case where it diverges, and diverge on
-at least one; the same port without a bug passes every case. A planted near-tie is numerics, not a bug. The
+at least one; the same port without a bug passes every case. A planted near-tie (an argmax, or a probability
+against its threshold) is numerics, not a bug. The
 Hugging Face copies of the suite's models give the expected logits in transformers.
 """
 import json
@@ -163,28 +164,55 @@ def test_planted_bugs_are_caught_and_classified(bug, monkeypatch):
     assert bool(caught) == (bug is not None), caught
 
 
+def perturbed_run(monkeypatch, case, model: str, call: int, change) -> list:
+    """The case's float64 trace when change(logits (T, V)) is applied to the `call`-th decode call (from 0) of the
+    large or small model."""
+    models = dict(zip(("large", "small"), load_pair(SUITE, case.pair, torch.float64)))
+    decode, calls = models[model].decode, []
+
+    def perturbed(ids, cache):
+        out = decode(ids, cache)
+        if len(calls) == call:
+            change(out[0])
+        calls.append(ids)
+        return out
+    monkeypatch.setattr(models[model], "decode", perturbed)
+    return run_case(models["large"], models["small"], case)[0].trace
+
+
 def test_a_planted_near_tie_is_numerics(monkeypatch):
     """Raise the large model's second-best logit past its best one at its first call: below the tolerance the
     flip is a near-tie, above it the model is wrong."""
     case = next(case for case in CASES if case.name == "v1.1-bild")
     trace, logits, settings = expected(case)
-    margin = logits[0]["margin"][0]
-    second = logits[0]["top_ids"][0][1]
-    large, small = load_pair(SUITE, case.pair, torch.float64)
-    decode, calls = large.decode, []
+    margin, second = logits[0]["margin"][0], logits[0]["top_ids"][0][1]
 
-    def perturbed(ids, cache):
-        out = decode(ids, cache)
-        if not calls:
-            out[0, 0, second] += 1.01 * margin
-        calls.append(ids)
-        return out
-    monkeypatch.setattr(large, "decode", perturbed)
-    actual = run_case(large, small, case)[0].trace
+    def raise_second(out):
+        out[0, second] += 1.01 * margin
+    actual = perturbed_run(monkeypatch, case, "large", 0, raise_second)
     near = diff(trace, actual, settings, logits, tolerance=2 * margin)
     assert (near.divergence, near.finding.kind) == (0, "numerics"), near
     assert diff(trace, actual, settings, logits, tolerance=margin / 2).finding.kind == "model"
     assert diff(trace, actual, settings, None, tolerance=2 * margin).finding.kind == "unclassified"
+
+
+def test_a_planted_threshold_near_tie_is_numerics(monkeypatch):
+    """Raise the small model's top logit, at the fallback closest to the threshold, just enough to keep the token:
+    a tolerance above the distance to the threshold makes it a near-tie, one below it a model error."""
+    case = next(case for case in CASES if case.name == "v1.1-bild")
+    trace, logits, settings = expected(case)
+    k = max((k for k, step in enumerate(trace) if step.decision == "fallback"), key=lambda k: trace[k].prob)
+    p, token = trace[k].prob, trace[k].token
+    gap = math.log(case.fallback_threshold) - math.log(p)
+    target = case.fallback_threshold * math.exp(gap / 2)  # just above the threshold
+
+    def raise_top(out):  # by the logit difference that takes its probability from p to target
+        out[-1, token] += math.log(target / (1 - target)) - math.log(p / (1 - p))
+    actual = perturbed_run(monkeypatch, case, "small", sum(step.model == "small" for step in trace[:k]), raise_top)
+    assert (actual[k].token, actual[k].decision) == (token, "pending")
+    near = diff(trace, actual, settings, logits, tolerance=3 * gap)
+    assert (near.divergence, near.finding.kind) == (k, "numerics") and "from the threshold" in near.finding.why, near
+    assert diff(trace, actual, settings, logits, tolerance=gap).finding.kind == "model"
 
 
 def test_without_logits_the_trace_bounds_the_margin():
