@@ -111,10 +111,17 @@ def verify(y: list[int], verified: int, start: int, fed: list[int], logits, roll
            max_new_tokens: int) -> LargeStep:
     """The large phase's decision, applied to y in place. The large model was fed y[start:] (the last verified
     token, then the pending ones y[verified:]); logits (T, V): row i is p_L at position verified + i."""
-    argmax = logits.argmax(-1).tolist()
     log_probs = _log_probs(logits)
+    cross_entropy = [-log_probs[i, y_j].item() for i, y_j in enumerate(y[verified:])]
+    return decide_large(y, verified, start, fed, logits.argmax(-1).tolist(), cross_entropy, rollback_threshold, eos,
+                        max_new_tokens)
+
+
+def decide_large(y: list[int], verified: int, start: int, fed: list[int], argmax: list[int],
+                 cross_entropy: list[float], rollback_threshold: float, eos: int, max_new_tokens: int) -> LargeStep:
+    """verify's rule on the numbers a large call gave (argmax at each pending position and beyond, cross-entropy
+    of each pending token), applied to y in place. The trace diff replays a trace's own numbers through it."""
     pending = y[verified:]
-    cross_entropy = [-log_probs[i, y_j].item() for i, y_j in enumerate(pending)]
     rejected = [verified + i for i, y_j in enumerate(pending)
                 if y_j != argmax[i] and cross_entropy[i] > rollback_threshold]
     if rejected:  # rollback at the first rejected position j; the caller crops both caches to j
@@ -133,6 +140,12 @@ def propose(y: list[int], verified: int, start: int, fed: list[int], logits, fal
     """One small step's decision, applied to y in place; logits (T, V) of the small model fed y[start:]."""
     token = logits[-1].argmax().item()
     prob = _log_probs(logits[-1])[token].exp().item()
+    return decide_small(y, verified, start, fed, token, prob, fallback_threshold, max_small_steps, eos, max_new_tokens)
+
+
+def decide_small(y: list[int], verified: int, start: int, fed: list[int], token: int, prob: float,
+                 fallback_threshold: float, max_small_steps: int, eos: int, max_new_tokens: int) -> SmallStep:
+    """propose's rule on the small model's argmax and its probability, applied to y in place."""
     if prob < fallback_threshold:
         return SmallStep(start, fed, token, prob, "fallback")  # discarded: the large model produces this position
     y.append(token)

@@ -1,0 +1,268 @@
+"""The conformance suite (conformance/, minibild/conformance.py) and the trace diff (minibild/diff.py).
+
+The suite regenerates byte for byte (safetensors headers compared parsed), covers every path (the writer refuses
+a suite that does not), and minibild passes every case. A port of the loop with one planted bug at a
+time (`port`) must fail the diff with the right classification on every case where it diverges, and diverge on
+at least one; the same port without a bug passes every case. A planted near-tie (an argmax, or a probability
+against its threshold) is numerics, not a bug. The
+Hugging Face copies of the suite's models give the expected logits in transformers.
+"""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minibild import bild
+from minibild.bild import decide_large, ended, propose, verify
+from minibild.conformance import CASES, PAIRS, PATHS, load_pair, run_case, write
+from minibild.diff import TOLERANCE, Settings, diff, main
+from minibild.early_exit import EarlyExit
+from minibild.trace import trace_from_jsonl, trace_to_jsonl
+
+SUITE = Path(__file__).resolve().parents[1] / "conformance"
+
+
+def expected(case, dtype="float64"):
+    """(trace, logits records, Settings) of a committed case."""
+    folder = SUITE / "cases" / case.name
+    trace = trace_from_jsonl((folder / f"trace.{dtype}.jsonl").read_text())
+    logits = [json.loads(line) for line in (folder / f"logits.{dtype}.jsonl").read_text().splitlines()]
+    return trace, logits, Settings.from_case(json.loads((folder / "case.json").read_text()))
+
+
+def contents(path: Path):
+    """A file's bytes; a safetensors file's parsed header and tensor bytes, since the safetensors library writes
+    the keys of its header (a hash map) in no fixed order."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return data
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def test_the_suite_regenerates_identically(tmp_path):
+    write(tmp_path / "suite")
+    files = sorted(p.relative_to(SUITE) for p in SUITE.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "suite") for p in (tmp_path / "suite").rglob("*") if p.is_file())
+    for name in files:
+        assert contents(tmp_path / "suite" / name) == contents(SUITE / name), name
+
+
+def test_the_suite_covers_every_path_on_every_pair():
+    index = json.loads((SUITE / "index.json").read_text())
+    assert [path for path in PATHS if not index["paths"][path]] == []
+    assert {case.pair for case in CASES} == set(PAIRS)
+    assert (SUITE / "models/v1.0/large/hf/config.json").exists() and not list(SUITE.rglob("spiece.model"))
+
+
+def test_the_writer_refuses_an_incomplete_suite(tmp_path):
+    with pytest.raises(ValueError, match="no case covers these paths: fallback, "):
+        write(tmp_path / "suite", CASES[:1])
+    assert list(tmp_path.iterdir()) == []  # neither the suite nor its staging folder
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_minibild_passes_every_case(case):
+    """float64 gives the float64 trace byte for byte; float32 gives the float32 one, and is equivalent to the
+    float64 one up to float32's tolerance."""
+    trace64, logits64, settings = expected(case)
+    for dtype in ("float64", "float32"):
+        result, _ = run_case(*load_pair(SUITE, case.pair, getattr(torch, dtype)), case)
+        assert trace_to_jsonl(result.trace) == (SUITE / "cases" / case.name / f"trace.{dtype}.jsonl").read_text()
+        report = diff(trace64, result.trace, settings, logits64, TOLERANCE[dtype])
+        assert report.equivalent, report
+
+
+# --- Planted bugs ----------------------------------------------------------------------------------------------
+
+def port(large, small, case, bug=None) -> list:
+    """bild.generate's loop as a port might write it, with one planted bug; its trace, up to a crash if the bug
+    causes one. The official rule and the token appended after EOS are planted in bild.decide_large instead."""
+    s, eos, src = case.settings, large.config.eos_token_id, torch.tensor([case.input_ids])
+    if isinstance(small, EarlyExit):
+        large, *pair = small.share_cache(src, max_length=64)
+    else:
+        pair = [model.new_cache(model.encode(src), max_length=64) for model in (large, small)]
+    models, caches = {"large": large, "small": small}, dict(zip(("large", "small"), pair))
+    y, verified, trace = [large.config.decoder_start_token_id], 1, []
+
+    def call(name, decide, *settings):
+        start = caches[name].length
+        fed = y[start:] or y[-1:]  # a cache left uncropped may hold all of y: the newest token goes after it
+        trace.append(decide(y, verified, start, fed, models[name].decode(torch.tensor([fed]), caches[name])[0],
+                            *settings))
+        return trace[-1]
+
+    try:
+        while len(trace) < 100:
+            step = call("large", verify, s["rollback_threshold"], eos, s["max_new_tokens"])
+            if step.decision == "rollback":
+                j = step.rollback_at + (bug == "crop off by one")
+                for name in ("large",) if bug == "small cache not cropped" else ("large", "small"):
+                    caches[name].crop(min(caches[name].length, j))
+            verified = len(y)
+            if ended(y, eos, s["max_new_tokens"]):
+                break
+            if bug == "large model again after a rollback" and step.decision == "rollback":
+                continue
+            while True:
+                step = call("small", propose, s["fallback_threshold"], s["max_small_steps"], eos, s["max_new_tokens"])
+                if step.decision == "fallback" and bug == "fallback token kept":
+                    y.append(step.token)
+                if step.decision != "pending":
+                    break
+            if bug == "EOS tail unverified" and y[-1] == eos:
+                break
+    except ValueError:  # the bug drove the caches somewhere they refuse to go
+        pass
+    return trace
+
+
+def official_rule(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens):
+    """The official implementation's rule: only the first token above the threshold is examined."""
+    high = next((i for i, ce in enumerate(cross_entropy) if ce > rollback_threshold), None)
+    if high is not None and y[verified + high] == argmax[high]:
+        rollback_threshold = math.inf  # it agrees with the large model: no rollback, and no further look
+    return decide_large(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens)
+
+
+def append_after_eos(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens):
+    step = decide_large(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens)
+    if step.appended is None and y[-1] == eos:
+        y.append(argmax[-1])
+        step.appended = argmax[-1]
+    return step
+
+
+# bug -> (its classification, words its reason must hold, the decide_large it plants, if any)
+BUGS = {
+    "crop off by one": ("cache", "skips position", None),
+    "small cache not cropped": ("cache", "skips position", None),
+    "EOS tail unverified": ("policy", "tail left unverified", None),
+    "official rule": ("policy", "official rule", official_rule),
+    "fallback token kept": ("policy", "fallback token kept", None),
+    "token appended after EOS": ("policy", "appended after EOS", append_after_eos),
+    "large model again after a rollback": ("policy", "ran again right after its rollback", None),
+}
+
+
+@pytest.mark.parametrize("bug", [None, *BUGS])
+def test_planted_bugs_are_caught_and_classified(bug, monkeypatch):
+    kind, reason, decide = BUGS.get(bug, (None, None, None))
+    if decide:
+        monkeypatch.setattr(bild, "decide_large", decide)
+    caught = []
+    for case in CASES:
+        trace, logits, settings = expected(case)
+        report = diff(trace, port(*load_pair(SUITE, case.pair, torch.float64), case, bug), settings, logits,
+                      TOLERANCE["float64"])
+        if not report.equivalent:
+            assert (report.finding.kind, reason in report.finding.why) == (kind, True), f"{case.name}:\n{report}"
+            caught.append(case.name)
+    assert bool(caught) == (bug is not None), caught
+
+
+def perturbed_run(monkeypatch, case, model: str, call: int, change) -> list:
+    """The case's float64 trace when change(logits (T, V)) is applied to the `call`-th decode call (from 0) of the
+    large or small model."""
+    models = dict(zip(("large", "small"), load_pair(SUITE, case.pair, torch.float64)))
+    decode, calls = models[model].decode, []
+
+    def perturbed(ids, cache):
+        out = decode(ids, cache)
+        if len(calls) == call:
+            change(out[0])
+        calls.append(ids)
+        return out
+    monkeypatch.setattr(models[model], "decode", perturbed)
+    return run_case(models["large"], models["small"], case)[0].trace
+
+
+def test_a_planted_near_tie_is_numerics(monkeypatch):
+    """Raise the large model's second-best logit past its best one at its first call: below the tolerance the
+    flip is a near-tie, above it the model is wrong."""
+    case = next(case for case in CASES if case.name == "v1.1-bild")
+    trace, logits, settings = expected(case)
+    margin, second = logits[0]["margin"][0], logits[0]["top_ids"][0][1]
+
+    def raise_second(out):
+        out[0, second] += 1.01 * margin
+    actual = perturbed_run(monkeypatch, case, "large", 0, raise_second)
+    near = diff(trace, actual, settings, logits, tolerance=2 * margin)
+    assert (near.divergence, near.finding.kind) == (0, "numerics"), near
+    assert diff(trace, actual, settings, logits, tolerance=margin / 2).finding.kind == "model"
+    assert diff(trace, actual, settings, None, tolerance=2 * margin).finding.kind == "unclassified"
+
+
+def test_a_planted_threshold_near_tie_is_numerics(monkeypatch):
+    """Raise the small model's top logit, at the fallback closest to the threshold, just enough to keep the token:
+    a tolerance above the distance to the threshold makes it a near-tie, one below it a model error."""
+    case = next(case for case in CASES if case.name == "v1.1-bild")
+    trace, logits, settings = expected(case)
+    k = max((k for k, step in enumerate(trace) if step.decision == "fallback"), key=lambda k: trace[k].prob)
+    p, token = trace[k].prob, trace[k].token
+    gap = math.log(case.fallback_threshold) - math.log(p)
+    target = case.fallback_threshold * math.exp(gap / 2)  # just above the threshold
+
+    def raise_top(out):  # by the logit difference that takes its probability from p to target
+        out[-1, token] += math.log(target / (1 - target)) - math.log(p / (1 - p))
+    actual = perturbed_run(monkeypatch, case, "small", sum(step.model == "small" for step in trace[:k]), raise_top)
+    assert (actual[k].token, actual[k].decision) == (token, "pending")
+    near = diff(trace, actual, settings, logits, tolerance=3 * gap)
+    assert (near.divergence, near.finding.kind) == (k, "numerics") and "from the threshold" in near.finding.why, near
+    assert diff(trace, actual, settings, logits, tolerance=gap).finding.kind == "model"
+
+
+def test_without_logits_the_trace_bounds_the_margin():
+    """A confident small token changed: its probability alone shows the argmax was no near-tie."""
+    case = next(case for case in CASES if case.name == "v1.1-bild")
+    trace, _, settings = expected(case)
+    k = next(k for k, step in enumerate(trace) if step.model == "small" and step.prob > 0.9)
+    actual = trace_from_jsonl(trace_to_jsonl(trace))
+    actual[k].token += 1
+    report = diff(trace, actual, settings, None)
+    assert (report.divergence, report.finding.kind) == (k, "model") and "at least" in report.finding.why, report
+
+
+def test_the_command_line(tmp_path, capsys):
+    folder = SUITE / "cases" / "v1.1-bild"
+    args = [str(folder / "trace.float64.jsonl"), "--case", str(folder / "case.json"), "--logits",
+            str(folder / "logits.float64.jsonl")]
+    assert main([args[0], str(folder / "trace.float32.jsonl"), *args[1:]]) == 0
+    assert capsys.readouterr().out.startswith("equivalent")
+    trace = trace_from_jsonl((folder / "trace.float64.jsonl").read_text())
+    trace[-1].start += 1
+    (tmp_path / "bad.jsonl").write_text(trace_to_jsonl(trace))
+    assert main([args[0], str(tmp_path / "bad.jsonl"), *args[1:]]) == 1
+    out = capsys.readouterr().out
+    assert f"first divergent call: {len(trace)}" in out and "cache error" in out
+    with pytest.raises(SystemExit) as exit:
+        main([args[0], str(folder / "case.json")])
+    assert exit.value.code == 2 and "case.json is not a BiLD trace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_the_hugging_face_copies_give_the_expected_logits(pair):
+    """Each call of each case on this pair, fed to transformers as one uncached forward over its decoder prefix,
+    gives the recorded top logits (float32). The early-exit small model has no Hugging Face counterpart."""
+    from hf_oracle import load_hf
+    hf = {name: load_hf(SUITE / "models" / pair / name / "hf") for name in ("large", "small")
+          if (SUITE / "models" / pair / name / "hf").exists()}
+    compared = 0
+    for case in (case for case in CASES if case.pair == pair):
+        trace, logits, _ = expected(case, "float32")
+        held = {"large": [], "small": []}
+        for step, record in zip(trace, logits):
+            held[step.model] = held[step.model][:step.start] + step.fed  # the model's decoder input so far
+            if step.model not in hf:
+                continue
+            with torch.no_grad():
+                out = hf[step.model](input_ids=torch.tensor([case.input_ids]),
+                                     decoder_input_ids=torch.tensor([held[step.model]])).logits[0, step.start:]
+            values, ids = out.topk(len(record["top_ids"][0]), dim=-1)
+            assert ids[:, 0].tolist() == [row[0] for row in record["top_ids"]], (case.name, step)
+            torch.testing.assert_close(values, torch.tensor(record["top_logits"]), atol=1e-4, rtol=1e-4)
+            compared += 1
+    assert compared > 10
