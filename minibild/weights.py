@@ -93,13 +93,27 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 # --- minibild's own format -------------------------------------------------------------------------
 
+def _save_safetensors(tensors: dict, path: Path, metadata: dict):
+    """safetensors' save_file, with the header's metadata keys in sorted order: the library writes them in hash
+    order, which changes from one process to the next, and a model saved twice must be the same bytes."""
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode().ljust(n)  # same keys, same size
+        if len(text) != n:
+            raise RuntimeError(f"{path}: could not rewrite the safetensors header in place ({len(text)} != {n} bytes)")
+        f.seek(8)
+        f.write(text)
+
+
 def save(model: T5, out, tokenizer=None) -> Path:
     """Write `model` to the folder `out` in minibild's format; copy the sentencepiece file `tokenizer` beside it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE),
-              metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
+    _save_safetensors(tensors, out / WEIGHTS_FILE, metadata={"format": FORMAT, "config": json.dumps(model.config.to_dict())})
     if tokenizer is not None and Path(tokenizer).resolve() != (out / TOKENIZER_FILE).resolve():
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     return out
