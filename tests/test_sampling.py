@@ -227,8 +227,9 @@ def one_hot(token, like):
 
 PLANTED = {
     "greedy draft, random acceptance": lambda mp: plant_draft(mp, lambda q: one_hot(q.argmax(), q)),
-    "draft drawn at twice the temperature it is scored at": lambda mp: plant_draft(mp, lambda q: (q.log() / 2).softmax(-1)),
-    "correction with the large argmax": lambda mp: mp.setattr(sampling, "residual", lambda p, q: one_hot(p.argmax(), p)),
+    "draft drawn at 2T, scored at T": lambda mp: plant_draft(mp, lambda q: (q.log() / 2).softmax(-1)),
+    "correction with the large argmax": lambda mp: mp.setattr(sampling, "residual",
+                                                             lambda p, q: one_hot(p.argmax(), p)),
     "unnormalized residual": lambda mp: mp.setattr(sampling, "residual", lambda p, q: (p - q).clamp(min=0)),
     "accept with probability p": lambda mp: mp.setattr(sampling, "accept_probability", lambda p, q: p),
 }
