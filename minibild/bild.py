@@ -21,6 +21,7 @@ Positions: y[0] is the decoder-start token and y[p] is fed at decoder position p
 length n holds y[:n]. Each call feeds its model exactly the tokens of y its cache does not hold;
 after a rollback both caches are cropped to the kept prefix, so nothing is ever recomputed.
 Every call is one step of the trace (trace.py); the counts (BiLDStats) are read off the trace.
+Sampling at a temperature with the same loop, exact in distribution: sampling.py (bild.sample).
 """
 from dataclasses import dataclass
 

@@ -122,7 +122,7 @@ def bild_sample(large: T5, small: T5, input_ids, *, temperature: float,
     check_source(large, small, input_ids)
     check_settings(fallback_threshold, None, max_small_steps, max_new_tokens)
     check_temperature(temperature, "bild.generate (rollback_threshold 0: the large model's greedy output)")
-    draws = draws or Uniforms(generator)
+    draws = Uniforms(generator) if draws is None else draws
     eos = large.config.eos_token_id
     large, large_cache, small_cache = new_caches(large, small, input_ids, max_new_tokens)
     y = [large.config.decoder_start_token_id]
@@ -164,7 +164,7 @@ def sample(model: T5, input_ids, *, temperature: float, max_new_tokens: int = MA
         raise ValueError(f"sample decodes one source at a time: input_ids must have shape (1, S), got "
                          f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
     check_ids("input_ids", input_ids, model.config.vocab_size)
-    draws = draws or Uniforms(generator)
+    draws = Uniforms(generator) if draws is None else draws
     cache = model.new_cache(model.encode(input_ids), max_length=max_new_tokens)
     y = [model.config.decoder_start_token_id]
     while not (len(y) > 1 and ended(y, model.config.eos_token_id, max_new_tokens)):
