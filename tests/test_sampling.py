@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import minibild
 from minibild import bild, sampling
@@ -153,6 +154,16 @@ def test_bild_sample_is_exactly_the_large_distribution(seed, vocab_size, tempera
         check_output(result.tokens, max_new_tokens)
     expected = large_distribution(large, SRC, temperature, max_new_tokens)
     assert distance(distribution((p, r.tokens) for p, r in paths), expected) < TOLERANCE
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(st.integers(0, 2**31 - 1), st.integers(3, 4), st.floats(0.3, 3.0), st.floats(0.0, 1.0), st.integers(1, 3),
+       st.integers(2, 3))
+def test_random_pairs_and_settings_are_exact(seed, vocab_size, temperature, fallback_threshold, N, max_new_tokens):
+    large, small = pair(seed, vocab_size)
+    expected = large_distribution(large, SRC, temperature, max_new_tokens)
+    got = bild_distribution(large, small, temperature, fallback_threshold, N, max_new_tokens)
+    assert distance(got, expected) < TOLERANCE
 
 
 def test_the_exact_cases_reach_every_path_of_the_loop():
