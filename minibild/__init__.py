@@ -2,9 +2,10 @@
 from .config import T5Config
 from . import bild  # before anything imports batch.py, which takes bild's decisions while bild re-exports it
 from .generate import greedy
+from .sampling import sample
 from .early_exit import EarlyExit
 from .model import T5, KVCache
 from .tokenizer import Tokenizer
 from .weights import load, save
 
-__all__ = ["T5Config", "T5", "EarlyExit", "KVCache", "Tokenizer", "greedy", "load", "save"]
+__all__ = ["T5Config", "T5", "EarlyExit", "KVCache", "Tokenizer", "greedy", "sample", "load", "save"]

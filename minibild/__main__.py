@@ -2,6 +2,7 @@
 
     python -m minibild "El principio de la sabiduría es el temor de Jehová."
     python -m minibild --mode large < sentences.txt > translations.txt
+    python -m minibild --temperature 0.7 --seed 1 "Dios es amor."   # sampled, exactly as the large model samples
 
 Prints exactly one line per input on stdout (a blank one for a blank input line); progress, statistics
 and traces go to stderr.
@@ -41,9 +42,16 @@ def parse_args(argv):
     p.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD,
                    help="alpha_FB (default %(default)s)")
     p.add_argument("--rollback-threshold", type=float, default=bild.ROLLBACK_THRESHOLD,
-                   help="alpha_RB (default %(default)s)")
+                   help="alpha_RB (default %(default)s; unused when sampling, whose rejections keep the large "
+                        "model's distribution)")
     p.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS, help="N (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; T > 0: sample from softmax(logits / T), with bild.sample in the bild "
+                        "and speculative modes (distributed exactly as the large model's samples) and "
+                        "minibild.sample in the large and small modes")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling generator, reseeded for each input (default %(default)s)")
     p.add_argument("--max-input-tokens", type=int, default=512,
                    help="refuse inputs longer than this many tokens (default 512) instead of truncating them")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -96,7 +104,8 @@ def trace_pieces(trace, tok: Tokenizer) -> str:
     the ids beyond the tokenizer's pieces (a T5 embedding may be larger: extra ids, padding)."""
     ids = set()
     for step in trace:
-        ids.update(step.fed + (step.argmax if step.model == "large" else [step.token]))
+        ids.update(step.fed + (getattr(step, "argmax", [step.appended]) if step.model == "large" else [step.token]))
+    ids.discard(None)  # a sampled fallback draws no token; a last sampled large call may append none
     return " ".join(f"{i}={tok.sp.IdToPiece(i)}" if i < tok.vocab_size else str(i) for i in sorted(ids))
 
 
@@ -117,12 +126,14 @@ def run(args) -> int:
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise UsageError(f"--dtype {args.dtype} is for GPUs; on CPU use float32 or float64")
     mode = Mode(args.mode, args.fallback_threshold, args.rollback_threshold, args.max_small_steps,
-                args.max_new_tokens)
+                args.max_new_tokens, args.temperature, args.seed)
     if args.trace and mode.name in ("large", "small"):
         raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")
     early_exit = args.exit_layer is not None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    if mode.temperature and args.batch_size > 1:
+        raise UsageError("--temperature > 0 samples one input at a time; use --batch-size 1")
     if early_exit and args.batch_size > 1:
         raise UsageError("--exit-layer is batch-1 only (the early-exit model shares one cache with the large "
                          "model); use --batch-size 1")

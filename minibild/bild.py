@@ -21,6 +21,7 @@ Positions: y[0] is the decoder-start token and y[p] is fed at decoder position p
 length n holds y[:n]. Each call feeds its model exactly the tokens of y its cache does not hold;
 after a rollback both caches are cropped to the kept prefix, so nothing is ever recomputed.
 Every call is one step of the trace (trace.py); the counts (BiLDStats) are read off the trace.
+Sampling at a temperature with the same loop, exact in distribution: sampling.py (bild.sample).
 """
 from dataclasses import dataclass
 
@@ -54,27 +55,14 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float = FAL
     rejects every small token the large model disagrees with, giving exactly the large model's greedy output."""
     _check_arguments(large, small, input_ids, fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
     eos = large.config.eos_token_id
-    # A large call feeds the whole of y when it verifies a tail ending at the cap: max_new_tokens + 1 positions.
-    if isinstance(small, EarlyExit):
-        # The small model is the large one's first layers: one encoder pass and one cache for both, on which
-        # the large model starts at the exit layer wherever the small one has run (see early_exit.py).
-        large, large_cache, small_cache = small.share_cache(input_ids, max_length=max_new_tokens + 1)
-    else:
-        large_cache = large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1)
-        small_cache = small.new_cache(small.encode(input_ids), max_length=max_new_tokens + 1)
+    large, large_cache, small_cache = new_caches(large, small, input_ids, max_new_tokens)
     y = [large.config.decoder_start_token_id]
     verified = 1  # y[:verified] is final; y[verified:] is pending
     trace = []
 
-    def feed(model, cache):
-        """Feed the tokens of y the cache does not hold -> (their start position, them, their logits (T, V))."""
-        start, fed = cache.length, y[cache.length:]
-        logits = model.decode(torch.tensor([fed], device=cache.cross_bias.device), cache)[0]
-        return start, fed, logits
-
     while True:
         # Large phase: one call over the last verified token and every pending one.
-        step = verify(y, verified, *feed(large, large_cache), rollback_threshold, eos, max_new_tokens)
+        step = verify(y, verified, *feed(large, large_cache, y), rollback_threshold, eos, max_new_tokens)
         if step.decision == "rollback":  # both caches keep y[:j] at most
             large_cache.crop(step.rollback_at)
             small_cache.crop(min(small_cache.length, step.rollback_at))
@@ -86,7 +74,7 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float = FAL
         # Small phase, one call per token. The first call catches up in one go: the large model's token,
         # and the last pending token when the small model proposed but never fed it.
         while True:
-            step = propose(y, verified, *feed(small, small_cache), fallback_threshold, max_small_steps, eos,
+            step = propose(y, verified, *feed(small, small_cache, y), fallback_threshold, max_small_steps, eos,
                            max_new_tokens)
             trace.append(step)
             if step.decision != "pending":
@@ -100,6 +88,24 @@ def speculative(large: T5, small: T5, input_ids, k: int, max_new_tokens: int = M
     case: the small model always drafts k tokens and the large model keeps exactly its own argmax."""
     return generate(large, small, input_ids, fallback_threshold=0.0, rollback_threshold=0.0,
                     max_small_steps=k, max_new_tokens=max_new_tokens)
+
+
+def new_caches(large: T5, small: T5, input_ids, max_new_tokens: int):
+    """Encode the source once with each model -> (the large model as it decodes, its cache, the small model's cache).
+    A large call feeds the whole of y when it verifies a tail ending at the cap: max_new_tokens + 1 positions."""
+    if isinstance(small, EarlyExit):
+        # The small model is the large one's first layers: one encoder pass and one cache for both, on which
+        # the large model starts at the exit layer wherever the small one has run (see early_exit.py).
+        return small.share_cache(input_ids, max_length=max_new_tokens + 1)
+    return (large, large.new_cache(large.encode(input_ids), max_length=max_new_tokens + 1),
+            small.new_cache(small.encode(input_ids), max_length=max_new_tokens + 1))
+
+
+def feed(model, cache, y: list[int]):
+    """Feed the tokens of y the cache does not hold -> (their start position, them, their logits (T, V))."""
+    start, fed = cache.length, y[cache.length:]
+    logits = model.decode(torch.tensor([fed], device=cache.cross_bias.device), cache)[0]
+    return start, fed, logits
 
 
 def ended(y: list[int], eos: int, max_new_tokens: int) -> bool:
@@ -161,13 +167,18 @@ def _log_probs(logits):
 
 def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollback_threshold,
                      max_small_steps, max_new_tokens):
+    check_source(large, small, input_ids)
+    check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
+
+
+def check_source(large: T5, small: T5, input_ids):
+    """The pair can decode together (check_pair) and input_ids is one source (1, S) of their vocabulary."""
     check_pair(large, small)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError("BiLD decodes one source at a time: input_ids must have shape (1, S), got "
                          f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}"
                          "; bild.generate_batch decodes a batch")
     check_ids("input_ids", input_ids, large.config.vocab_size)
-    check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens)
 
 
 def check_pair(large: T5, small: T5):
@@ -188,13 +199,16 @@ def check_pair(large: T5, small: T5):
 
 
 def check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_new_tokens):
-    """BiLD's four settings, checked before any model runs (the CLI checks them at start-up too)."""
+    """BiLD's four settings, checked before any model runs (the CLI checks them at start-up too). Sampling has no
+    rollback threshold: None."""
     for name, value in (("fallback_threshold", fallback_threshold), ("rollback_threshold", rollback_threshold)):
-        if not value >= 0:  # also rejects NaN
+        if value is not None and not value >= 0:  # also rejects NaN
             raise ValueError(f"{name} must be >= 0, got {value}")
     check_count("max_small_steps", max_small_steps)
     check_count("max_new_tokens", max_new_tokens)
 
 
-# Batched BiLD (batch.py) takes this module's decisions, so it is imported last.
+# Batched BiLD (batch.py) and BiLD with sampling (sampling.py) take this module's decisions, so they are imported
+# last.
 from .batch import generate_batch  # noqa: E402, F401
+from .sampling import bild_sample as sample  # noqa: E402, F401

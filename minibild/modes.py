@@ -1,4 +1,5 @@
-"""The four ways minibild decodes, behind one call (one source, or a batch): used by the CLI and the scripts alike."""
+"""The four ways minibild decodes, greedy or sampled at a temperature, behind one call (one source, or a batch):
+used by the CLI and the scripts alike."""
 from dataclasses import dataclass
 
 import torch
@@ -7,18 +8,23 @@ from . import bild
 from .batch import right_pad
 from .generate import greedy
 from .model import T5
+from .sampling import check_temperature, sample
 
 MODES = ("bild", "large", "small", "speculative")
 
 
 @dataclass(frozen=True)
 class Mode:
-    """A decoding mode with its settings; `speculative` uses max_small_steps as its draft length k."""
+    """A decoding mode with its settings; `speculative` uses max_small_steps as its draft length k. Temperature > 0
+    samples: large and small with minibild.sample, bild with bild.sample (no rollback threshold), speculative with
+    bild.sample at fallback threshold 0 (speculative sampling); each source with a generator seeded with `seed`."""
     name: str = "bild"
     fallback_threshold: float = bild.FALLBACK_THRESHOLD
     rollback_threshold: float = bild.ROLLBACK_THRESHOLD
     max_small_steps: int = bild.MAX_SMALL_STEPS
     max_new_tokens: int = bild.MAX_NEW_TOKENS
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 0
 
     def __post_init__(self):
         if self.name not in MODES:
@@ -26,15 +32,23 @@ class Mode:
         # Checked here, so that the CLI refuses bad settings before it prints any output.
         bild.check_settings(self.fallback_threshold, self.rollback_threshold, self.max_small_steps,
                             self.max_new_tokens)
+        if self.temperature != 0:
+            check_temperature(self.temperature, "greedy decoding")
 
     @property
     def label(self) -> str:
+        if self.temperature:
+            settings = {"bild": f"fb={self.fallback_threshold:g},N={self.max_small_steps},",
+                        "speculative": f"k={self.max_small_steps},"}.get(self.name, "")
+            return f"{self.name}-sample({settings}T={self.temperature:g})"
         if self.name == "bild":
             return f"bild(fb={self.fallback_threshold:g},rb={self.rollback_threshold:g},N={self.max_small_steps})"
         return f"speculative(k={self.max_small_steps})" if self.name == "speculative" else self.name
 
     def decode(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:
-        """Decode one source (1, S) -> (tokens, the BiLD result with stats and trace, or None for greedy)."""
+        """Decode one source (1, S) -> (tokens, the BiLD result with stats and trace, or None for one model)."""
+        if self.temperature:
+            return self._sample(large, small, input_ids)
         if self.name in ("large", "small"):
             return greedy(large if self.name == "large" else small, input_ids, self.max_new_tokens)[0], None
         if self.name == "speculative":
@@ -46,10 +60,23 @@ class Mode:
                                    max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens)
         return result.tokens, result
 
+    def _sample(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:
+        generator = torch.Generator().manual_seed(self.seed)  # per source: its output does not depend on the others
+        if self.name in ("large", "small"):
+            return sample(large if self.name == "large" else small, input_ids, temperature=self.temperature,
+                          max_new_tokens=self.max_new_tokens, generator=generator), None
+        fallback = 0.0 if self.name == "speculative" else self.fallback_threshold
+        result = bild.sample(large, small, input_ids, temperature=self.temperature, fallback_threshold=fallback,
+                             max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens,
+                             generator=generator)
+        return result.tokens, result
+
     def decode_batch(self, large: T5 | None, small: T5 | None, input_ids,
                      attention_mask) -> list[tuple[list[int], "bild.BiLDResult | None"]]:
         """Decode a right-padded batch (B, S) -> per row what decode gives on that row alone: batched greedy
-        (minibild.greedy) or batched BiLD (bild.generate_batch)."""
+        (minibild.greedy) or batched BiLD (bild.generate_batch). Sampling decodes one source at a time."""
+        if self.temperature:
+            raise ValueError("sampling (temperature > 0) decodes one source at a time: use batch size 1")
         if self.name in ("large", "small"):
             model = large if self.name == "large" else small
             return [(tokens, None) for tokens in greedy(model, input_ids, self.max_new_tokens, attention_mask)]

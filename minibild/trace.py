@@ -54,13 +54,59 @@ class LargeStep:
         return f"{text} -> accept {self.accepted}{appended}"
 
 
+@dataclass
+class SampledSmallStep:
+    """One small-model call when sampling (bild.sample): it fed `fed` at positions start.. and drew `token` from q,
+    its distribution at the temperature, unless q's top probability fell below the fallback threshold."""
+    model: str = field(default="small", init=False)
+    kind: str = field(default="sampled", init=False)
+    start: int
+    fed: list[int]
+    confidence: float  # q's top probability, read before any draw
+    token: int | None  # drawn from q; None at a fallback, which draws nothing
+    q: float | None  # q(token): the probability it was drawn with
+    decision: str  # "pending", "handover", "end" or "fallback", as in SmallStep
+
+    def __str__(self):
+        drawn = "" if self.token is None else f" -> {self.token} q={self.q:.3f}"
+        return f"small @{self.start} fed [{_ids(self.fed)}] max q={self.confidence:.3f}{drawn} {self.decision}"
+
+
+@dataclass
+class SampledLargeStep:
+    """One large-model call when sampling: fed[0] is the last verified token, fed[1:] the pending (drafted) ones,
+    each accepted with probability min(1, p/q) until the first rejection."""
+    model: str = field(default="large", init=False)
+    kind: str = field(default="sampled", init=False)
+    start: int
+    fed: list[int]
+    p: list[float]  # p(y_j): the large model's probability of each pending token at the temperature
+    q: list[float]  # q(y_j): the small model's, the one it was drawn with
+    decision: str  # "accept" (all pending tokens) or "rollback" (at the first rejected one)
+    rollback_at: int | None  # position of the first rejected token
+    appended: int | None  # drawn from the residual max(0, p - q) at a rollback, else from p beyond; None if y ended
+
+    @property
+    def accepted(self) -> int:
+        return len(self.p) if self.rollback_at is None else self.rollback_at - self.start - 1
+
+    def __str__(self):
+        pq = " ".join(f"{p:.3f}/{q:.3f}" for p, q in zip(self.p, self.q))
+        text = f"large @{self.start} fed [{_ids(self.fed)}] p/q [{pq}]"
+        if self.decision == "rollback":
+            return f"{text} -> accept {self.accepted}, reject at {self.rollback_at}; resample {self.appended}"
+        appended = "" if self.appended is None else f", sample {self.appended}"
+        return f"{text} -> accept {self.accepted}{appended}"
+
+
 def _ids(ids) -> str:
     return " ".join(map(str, ids))
 
 
 @dataclass(frozen=True)
 class BiLDStats:
-    """Counts for one call of `bild.generate`, read off its trace. They add up:
+    """Counts for one call of `bild.generate` (or `bild.sample`, whose rejections count as rollbacks), read off
+    its trace. They add up:
 
         len(tokens)  == large_tokens + small_tokens
         small_tokens == accepted_small_tokens  (an accepted token is never removed again)
@@ -87,7 +133,7 @@ class BiLDStats:
                    fallbacks=sum(step.decision == "fallback" for step in small),
                    handovers=sum(step.decision == "handover" for step in small),
                    rollbacks=sum(step.decision == "rollback" for step in large),
-                   rolled_back_tokens=sum(len(step.cross_entropy) - step.accepted for step in large),
+                   rolled_back_tokens=sum(len(step.fed) - 1 - step.accepted for step in large),
                    accepted_small_tokens=sum(step.accepted for step in large),
                    large_tokens=sum(step.appended is not None for step in large))
 
@@ -106,12 +152,15 @@ def trace_to_jsonl(trace) -> str:
     return "".join(json.dumps(_finite(asdict(step)), allow_nan=False) + "\n" for step in trace)
 
 
-def trace_from_jsonl(text: str) -> list[SmallStep | LargeStep]:
+def trace_from_jsonl(text: str) -> list[SmallStep | LargeStep | SampledSmallStep | SampledLargeStep]:
     """The trace that `trace_to_jsonl` wrote, exactly."""
     trace = []
     for line in text.splitlines():
         row = json.loads(line)
-        if row.pop("model") == "small":
+        model = row.pop("model")
+        if row.pop("kind", None) == "sampled":  # probabilities, never infinite
+            trace.append((SampledSmallStep if model == "small" else SampledLargeStep)(**row))
+        elif model == "small":
             trace.append(SmallStep(**(row | {"prob": float(row["prob"])})))
         else:  # float() reads the strings "inf", "-inf" and "nan" too
             trace.append(LargeStep(**(row | {"cross_entropy": [float(ce) for ce in row["cross_entropy"]]})))

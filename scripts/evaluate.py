@@ -6,10 +6,14 @@ greedy, BiLD, speculative decoding, and transformers' own decoding on the same w
         --hf-large runs/hf-large --hf-small runs/hf-small
     python scripts/evaluate.py --device cuda --dtype float32 float16 bfloat16 --warmup 3 --json latency.json
     python scripts/evaluate.py --synthetic 100 --source-length 40 --systems large bild:0.6,5
+    python scripts/evaluate.py --limit 100 --systems sample bild-sample:0.6 bild-sample:0,5 --temperature 0.7
 
 Systems: `large`, `small`, `speculative:K`, `bild:FALLBACK,ROLLBACK[,N]` (minibild), and with --hf-large (and
 --hf-small) `hf-greedy` and `hf-assisted`: transformers' generate(), greedy and with the small model as assistant
 (transformers' default assistant settings), on the Hugging Face folders the minibild files were converted from.
+Sampled at --temperature, each source with a generator seeded with --seed: `sample` (the large model's ancestral
+sampling, minibild.sample) and `bild-sample:FALLBACK[,N]` (bild.sample, distributed exactly as `sample`: compare
+their quality and speed; compare either's speed with large greedy's as the speedup column does).
 --exit-layer K makes the small model the large model's first K decoder layers (early exit).
 
 Every source is decoded by every system --repeats times at batch 1, the order rotating from round to round, after
@@ -48,6 +52,7 @@ from minibild.batch import right_pad  # noqa: E402
 from minibild.__main__ import DTYPES, UsageError, pick_device  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 from minibild.progress import progress  # noqa: E402
+from minibild.sampling import check_temperature  # noqa: E402
 from minibild.weights import load_tokenizer, tokenizer_path  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -56,12 +61,22 @@ DEFAULT_SYSTEMS = ["large", "small", f"bild:{bild.FALLBACK_THRESHOLD:g},{bild.RO
 HF_SYSTEMS = ("hf-greedy", "hf-assisted")
 
 
-def parse_system(spec: str, max_new_tokens: int) -> Mode:
-    """'large' | 'small' | 'speculative:K' | 'bild:FALLBACK,ROLLBACK[,N]' -> Mode."""
+def parse_system(spec: str, max_new_tokens: int, temperature: float | None = None, seed: int = 0) -> Mode:
+    """'large' | 'small' | 'speculative:K' | 'bild:FALLBACK,ROLLBACK[,N]' -> Mode; with a temperature, also
+    'sample' | 'bild-sample:FALLBACK[,N]'."""
     name, _, params = spec.partition(":")
     try:
         if name in ("large", "small") and not params:
             return Mode(name, max_new_tokens=max_new_tokens)
+        if temperature is not None and name == "sample" and not params:
+            return Mode("large", max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        if temperature is not None and name == "bild-sample":
+            values = params.split(",")
+            if len(values) not in (1, 2):
+                raise ValueError
+            n = int(values[1]) if len(values) == 2 else bild.MAX_SMALL_STEPS
+            return Mode("bild", float(values[0]), max_small_steps=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=seed)
         if name == "speculative":
             return Mode(name, max_small_steps=int(params or 5), max_new_tokens=max_new_tokens)
         if name == "bild":
@@ -72,13 +87,18 @@ def parse_system(spec: str, max_new_tokens: int) -> Mode:
             return Mode(name, float(values[0]), float(values[1]), n, max_new_tokens)
     except ValueError:
         pass
-    raise UsageError(f"bad system {spec!r}; use large, small, speculative:K or bild:FALLBACK,ROLLBACK[,N]")
+    sampled = ", sample, bild-sample:FALLBACK[,N]" if temperature is not None else ""
+    raise UsageError(f"bad system {spec!r}; use large, small, speculative:K, bild:FALLBACK,ROLLBACK[,N]{sampled}")
+
+
+def is_sampled(spec: str) -> bool:
+    return spec.partition(":")[0] in ("sample", "bild-sample")
 
 
 def is_exact(mode: Mode) -> bool:
-    """Whether the mode must reproduce large greedy's tokens (up to floating point)."""
-    return mode.name == "speculative" or (
-        mode.name == "bild" and (mode.rollback_threshold == 0 or mode.fallback_threshold > 1))
+    """Whether the mode must reproduce large greedy's tokens (up to floating point); a sampled one never does."""
+    return not mode.temperature and (mode.name == "speculative" or (
+        mode.name == "bild" and (mode.rollback_threshold == 0 or mode.fallback_threshold > 1)))
 
 
 # --- the sources and the models --------------------------------------------------------------------------
@@ -429,7 +449,8 @@ def parse_args(argv):
     p.add_argument("--hf-small", help="the small model's Hugging Face folder: adds hf-assisted (with --hf-large)")
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="N random sources instead of the split")
     p.add_argument("--source-length", type=int, default=32, help="tokens per synthetic source, EOS included")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources and of the sampled systems")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled systems (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="decode B sources at a time with minibild's systems (default 1)")
     p.add_argument("--json", help="also write the report here")
@@ -446,10 +467,12 @@ def system_specs(args) -> list[str]:
     if args.hf_large:
         default += ["hf-greedy", "hf-assisted"] if args.hf_small else ["hf-greedy"]
     specs = list(dict.fromkeys(args.systems or default))
+    if any(is_sampled(spec) for spec in specs):  # before parse_system, which would call a bad one a bad system
+        check_temperature(args.temperature, "large and bild:FALLBACK,0")
     for spec in specs:
         if spec not in HF_SYSTEMS:
             try:
-                parse_system(spec, args.max_new_tokens)
+                parse_system(spec, args.max_new_tokens, args.temperature, args.seed)
             except UsageError as e:
                 raise UsageError(f"{e}, hf-greedy or hf-assisted") from None
     if "large" not in specs:
@@ -470,7 +493,8 @@ def small_name(args, specs: list[str]) -> str | None:
 
 def build_systems(args, specs: list[str], dtype, device) -> tuple[dict[str, System], T5, Tokenizer | None]:
     """Load what the systems need in `dtype` -> ({label: System}, the large model, its tokenizer)."""
-    modes = {spec: parse_system(spec, args.max_new_tokens) for spec in specs if spec not in HF_SYSTEMS}
+    modes = {spec: parse_system(spec, args.max_new_tokens, args.temperature, args.seed) for spec in specs
+             if spec not in HF_SYSTEMS}
     uses_small = small_name(args, specs) is not None
     large, small, tok = load_pair(args.large, args.small if uses_small else None, device, dtype,
                                   args.exit_layer if uses_small else 0)
@@ -493,6 +517,8 @@ def run(args):
     specs = system_specs(args)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size > 1 and any(map(is_sampled, specs)):
+        raise UsageError("--batch-size > 1: sample and bild-sample decode one source at a time; use --batch-size 1")
     if args.batch_size > 1 and (args.exit_layer or any(s in HF_SYSTEMS for s in specs)):
         raise UsageError("--batch-size > 1 is for minibild's systems with a separate small model: hf-greedy, "
                          "hf-assisted and --exit-layer decode one source at a time; use --batch-size 1")

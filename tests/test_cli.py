@@ -106,6 +106,19 @@ def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
     assert status == 0 and len(out.splitlines()) == 1 and "large @0 fed [0]" in err and "BiLDStats" in err
 
 
+def test_sampling_in_every_mode_is_seeded(capsys):
+    """--temperature > 0 samples (bild.sample in the bild and speculative modes, minibild.sample in the others),
+    each input with a generator seeded with --seed: the same seed gives the same line, wherever the input sits."""
+    text = "Y dijo Dios: Sea la luz."
+    for mode in ("bild", "speculative", "large", "small"):
+        runs = [run_cli(capsys, "--mode", mode, "--temperature", "1.5", "--seed", seed, "--max-new-tokens", "12",
+                        *texts) for seed, texts in (("3", [text]), ("3", ["Dios es amor.", text]), ("4", [text]))]
+        assert all(status == 0 for status, _, _ in runs)
+        assert runs[0][1] == runs[1][1].splitlines(keepends=True)[1], mode
+    status, _, err = run_cli(capsys, "--temperature", "0.8", "--trace", "--max-new-tokens", "12", text)
+    assert status == 0 and "p/q [" in err and "max q=" in err and "BiLDStats" in err
+
+
 @pytest.mark.parametrize("mode", ["bild", "speculative", "large", "small"])
 def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch, mode):
     """Five lines (one blank) in batches of 2: the same outputs in input order, warnings and traces per input."""
@@ -137,8 +150,10 @@ def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch,
     (["--exit-layer", "2", "--batch-size", "2", "hola"], "--exit-layer is batch-1 only"),
     (["--batch-size", "2", "--max-input-tokens", "3", "hola", "Y dijo Dios: Sea la luz."],
      "input 2 has 9 tokens, more than --max-input-tokens 3"),
+    (["--temperature", "-1", "hola"], "temperature must be a finite number > 0, got -1.0"),
+    (["--temperature", "0.7", "--batch-size", "2", "hola"], "--temperature > 0 samples one input at a time"),
 ], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0",
-        "trace-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long"])
+        "trace-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature", "batch-sampling"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -147,7 +162,7 @@ def test_bad_input_gives_a_clear_error(capsys, args, message):
 
 
 @pytest.mark.parametrize("setting", [["--max-new-tokens", "0"], ["--max-small-steps", "0"],
-                                     ["--fallback-threshold", "nan"]])
+                                     ["--fallback-threshold", "nan"], ["--temperature", "inf"]])
 def test_bad_settings_are_refused_before_any_output(capsys, monkeypatch, setting):
     # A leading blank line gives a blank output line at once, unless the settings are checked first.
     status, out, err = run_cli(capsys, *setting, stdin="\nDios es amor.\n", monkeypatch=monkeypatch)

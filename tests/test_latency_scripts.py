@@ -118,6 +118,27 @@ def test_evaluate_synthetic_several_dtypes(pair, tmp_path, capsys):
     assert "BLEU" not in capsys.readouterr().out
 
 
+def test_evaluate_sampled_systems(pair, tmp_path):
+    """sample and bild-sample at --temperature, seeded per source: quality and counts, reproducible, never checked
+    token for token against large greedy."""
+    reports = []
+    for _ in range(2):
+        out = tmp_path / "eval.json"
+        assert evaluate_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--dtype", "float64",
+                              "--max-new-tokens", "10", "--systems", "sample", "bild-sample:0.3,2", "--temperature",
+                              "0.8", "--seed", "5", "--no-progress", "--json", str(out)]) == 0
+        reports.append(json.loads(out.read_text())["runs"][0]["systems"])
+    systems = reports[0]
+    assert list(systems) == ["large", "large-sample(T=0.8)", "bild-sample(fb=0.3,N=2,T=0.8)"]
+    assert not any("differs_from_large" in entry for entry in systems.values())
+    assert "bleu" in systems["large-sample(T=0.8)"]
+    assert "fallbacks_per_sentence" in systems["bild-sample(fb=0.3,N=2,T=0.8)"]
+    timing = ("median_ms", "mean_ms", "speedup", "median_speedup", "large_share")
+    first, again = ({label: {k: v for k, v in entry.items() if k not in timing} for label, entry in report.items()}
+                    for report in reports)
+    assert first == again
+
+
 def test_evaluate_batched_gives_batch_one_outputs(pair, tmp_path):
     """--batch-size 4 over six sources (a full and a partial batch): every system's outputs, quality and counts are
     batch 1's; each source's latency is its batch's."""
@@ -148,6 +169,9 @@ def test_evaluate_batched_gives_batch_one_outputs(pair, tmp_path):
     (["--synthetic", "-1"], "--synthetic must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--batch-size", "2", "--exit-layer", "1"], "hf-greedy, hf-assisted and --exit-layer decode one source at a time"),
+    (["--systems", "sample", "--batch-size", "2"], "sample and bild-sample decode one source at a time"),
+    (["--systems", "bild-sample:0.5", "--temperature", "0"], "temperature must be > 0 to sample"),
+    (["--systems", "bild-sample:0.5,x"], "bad system 'bild-sample:0.5,x'"),
 ])
 def test_evaluate_refuses(pair, tmp_path, capsys, arguments, message):
     if "cuda" in arguments and torch.cuda.is_available():
