@@ -41,9 +41,9 @@ def parse_args(argv):
                         "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0)")
     p.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD,
                    help="alpha_FB (default %(default)s)")
-    p.add_argument("--rollback-threshold", type=float, default=bild.ROLLBACK_THRESHOLD,
-                   help="alpha_RB (default %(default)s; unused when sampling, whose rejections keep the large "
-                        "model's distribution)")
+    p.add_argument("--rollback-threshold", type=float,
+                   help=f"alpha_RB (default {bild.ROLLBACK_THRESHOLD}; refused when sampling, whose rejections keep "
+                        "the large model's distribution)")
     p.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS, help="N (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0,
@@ -125,7 +125,11 @@ def run(args) -> int:
     device, dtype = pick_device(args.device), DTYPES[args.dtype]
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise UsageError(f"--dtype {args.dtype} is for GPUs; on CPU use float32 or float64")
-    mode = Mode(args.mode, args.fallback_threshold, args.rollback_threshold, args.max_small_steps,
+    if args.temperature and args.rollback_threshold is not None:
+        raise UsageError("--rollback-threshold has no place in sampling (a rollback rule would change the output's "
+                         "distribution): drop it, or sample with --temperature 0 for greedy BiLD")
+    rollback = bild.ROLLBACK_THRESHOLD if args.rollback_threshold is None else args.rollback_threshold
+    mode = Mode(args.mode, args.fallback_threshold, rollback, args.max_small_steps,
                 args.max_new_tokens, args.temperature, args.seed)
     if args.trace and mode.name in ("large", "small"):
         raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")

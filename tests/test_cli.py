@@ -152,8 +152,10 @@ def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch,
      "input 2 has 9 tokens, more than --max-input-tokens 3"),
     (["--temperature", "-1", "hola"], "temperature must be a finite number > 0, got -1.0"),
     (["--temperature", "0.7", "--batch-size", "2", "hola"], "--temperature > 0 samples one input at a time"),
+    (["--temperature", "0.7", "--rollback-threshold", "3", "hola"], "--rollback-threshold has no place in sampling"),
 ], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0",
-        "trace-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature", "batch-sampling"])
+        "trace-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature", "batch-sampling",
+        "sampling-rollback"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
