@@ -13,8 +13,9 @@ Schedule, in rounds. A row is waiting for the large model, in its small phase, o
 2. small-model calls, one per step, over the rows still in their small phase, each fed the tokens its small
    cache lacks; a row whose phase ends (fallback, handover, EOS or the cap) waits for the next round.
 So every large call holds every unfinished row: the large model, the expensive one, is called as few times
-as the row that needs the most large calls needs, with as many rows as possible. A call index-selects its
-rows from the caches, so finished and waiting rows cost nothing; it pads its rows on the right to its
+as the row that needs the most large calls needs, with as many rows as possible. A finished row leaves both
+caches after the large call, so the large call reads the caches in place; a small call over some of the rows
+gathers theirs, so waiting rows cost no compute (only that copy). A call pads its rows on the right to its
 longest one, and pays for that one.
 
 Like bild.generate, an early-exit small model is batch-1 only (its shared cache has one length). Outputs
@@ -56,7 +57,8 @@ def generate_batch(large: T5, small: T5, input_ids, attention_mask=None, *,
     caches = {name: ragged.RaggedKVCache(model.new_cache(model.encode(input_ids, attention_mask), attention_mask,
                                                          max_length=max_new_tokens + 1))
               for name, model in models.items()}
-    rows = [Row([large.config.decoder_start_token_id]) for _ in range(input_ids.shape[0])]
+    results = [Row([large.config.decoder_start_token_id]) for _ in range(input_ids.shape[0])]
+    rows = list(results)  # the unfinished rows, in the caches' order: row b is the caches' row b
 
     def call(name: str):
         """One call of the named model over the rows in that state; each row then takes its decision."""
@@ -76,11 +78,16 @@ def generate_batch(large: T5, small: T5, input_ids, attention_mask=None, *,
                 row.state = "small" if step.decision == "pending" else "large"
             row.trace.append(step)
 
-    while any(row.state != "done" for row in rows):
+    while rows:
         call("large")  # every unfinished row: none is in its small phase here
+        going = [b for b, row in enumerate(rows) if row.state != "done"]
+        if len(going) < len(rows):  # finished rows leave both caches, so that no call gathers them again
+            for cache in caches.values():
+                cache.keep_rows(going)
+            rows = [rows[b] for b in going]
         while any(row.state == "small" for row in rows):
             call("small")  # a row whose phase ended waits for the next large call
-    return [BiLDResult(row.y[1:], BiLDStats.of(row.trace), row.trace) for row in rows]
+    return [BiLDResult(row.y[1:], BiLDStats.of(row.trace), row.trace) for row in results]
 
 
 def feed(model: T5, cache: ragged.RaggedKVCache, rows: list[Row], batch: list[int]):

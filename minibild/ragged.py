@@ -17,7 +17,8 @@ over some of the rows:
   garbage that nobody reads.
 - crop(row, n) keeps one row's first n positions; the others are untouched.
 
-Rows not in a call are neither read nor written: a call index-selects its rows from the cache.
+Rows not in a call are neither read nor written: a call over some rows gathers (copies) their keys and
+values; a call over every row, in order, reads the buffers in place. keep_rows(rows) drops finished rows.
 """
 import torch
 
@@ -35,6 +36,12 @@ class RaggedKVCache:
             buffer.zero_()
         self.kv, self.max_length = kv, kv.max_length
         self.lengths = torch.zeros(kv.cross_bias.shape[0], dtype=torch.long, device=kv.cross_bias.device)  # (B,)
+
+    def keep_rows(self, rows: list[int]):
+        """Keep only these rows, in this order; the others leave the cache."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.kv.keep_rows(index)
+        self.lengths = self.lengths[index]
 
     def crop(self, row: int, n: int):
         """Keep row's first n decoder positions, dropping the rest; other rows are untouched."""
@@ -56,12 +63,18 @@ class RaggedCall:
             raise ValueError(f"RaggedKVCache holds at most {cache.max_length} decoder positions, asked for "
                              f"{self.key_length}: make the cache with a larger max_length")
         kv = cache.kv
-        self.cross_keys = [k[rows] for k in kv.cross_keys]  # per layer (A, H, S, D)
-        self.cross_values = [v[rows] for v in kv.cross_values]
-        self.cross_bias = kv.cross_bias[rows]  # (A, 1, 1, S)
+        # A call over every row in order reads the buffers themselves; a call over some rows gathers (copies) theirs.
+        self.every_row = len(rows) == len(cache.lengths) and bool((rows == torch.arange(len(rows), device=rows.device)).all())
+        self.cross_keys = [self.gather(k) for k in kv.cross_keys]  # per layer (A, H, S, D)
+        self.cross_values = [self.gather(v) for v in kv.cross_values]
+        self.cross_bias = self.gather(kv.cross_bias)  # (A, 1, 1, S)
         T = int(fed.max())
         slot = torch.arange(T, device=rows.device)
         self.real_row, self.real_slot = (slot < fed[:, None]).nonzero(as_tuple=True)  # (n,) each: the real slots
+
+    def gather(self, buffer):
+        """The call's rows of a (B, ...) buffer: the buffer itself when the call holds every row."""
+        return buffer if self.every_row else buffer[self.rows]
 
     def positions(self, start, T: int):
         """Row a's query i sits at start[a] + i; a padding slot at its row's last real position, so that no
@@ -76,7 +89,7 @@ class RaggedCall:
         keys, values = self.cache.kv.keys[layer], self.cache.kv.values[layer]  # (B, H, max_length, D)
         keys[rows, :, position] = k[self.real_row, :, self.real_slot]  # (n, H, D)
         values[rows, :, position] = v[self.real_row, :, self.real_slot]
-        return keys[self.rows, :, :self.key_length], values[self.rows, :, :self.key_length]
+        return self.gather(keys)[:, :, :self.key_length], self.gather(values)[:, :, :self.key_length]
 
 
 def decode(model: T5, cache: RaggedKVCache, rows, ids, fed):

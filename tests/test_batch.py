@@ -236,8 +236,8 @@ def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch
                                   max_new_tokens=16)
     large_calls = [rows for model, rows in calls if model is large]
     assert len(large_calls) == max(result.stats.large_calls for result in results) > 1
-    for k, rows in enumerate(large_calls):  # row b's k-th large call is in round k, with every row still going
-        assert rows == [b for b, result in enumerate(results) if result.stats.large_calls > k]
+    for k, rows in enumerate(large_calls):  # round k's large call holds every row still going, and only those:
+        assert rows == list(range(sum(result.stats.large_calls > k for result in results)))  # the rest left
     assert len({len(rows) for rows in large_calls}) > 1  # rows finished along the way
     small_rows = sum(len(rows) for model, rows in calls if model is small)
     assert small_rows == sum(result.stats.small_calls for result in results)
