@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .early_exit import EarlyExit
-from .generate import check_count, check_eval
-from .model import T5, check_ids
+from .generate import check_count, check_eval, check_one_source
+from .model import T5
 # The trace's types and forms live in trace.py; the CLI, the scripts and the tests take them from here too.
 from .trace import BiLDStats, LargeStep, SmallStep, format_trace, trace_from_jsonl, trace_to_jsonl  # noqa: F401
 
@@ -174,11 +174,7 @@ def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollba
 def check_source(large: T5, small: T5, input_ids):
     """The pair can decode together (check_pair) and input_ids is one source (1, S) of their vocabulary."""
     check_pair(large, small)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError("BiLD decodes one source at a time: input_ids must have shape (1, S), got "
-                         f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}"
-                         "; bild.generate_batch decodes a batch")
-    check_ids("input_ids", input_ids, large.config.vocab_size)
+    check_one_source(input_ids, large.config.vocab_size, "BiLD", "; bild.generate_batch decodes a batch")
 
 
 def check_pair(large: T5, small: T5):

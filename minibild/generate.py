@@ -5,7 +5,7 @@ import numbers
 import torch
 
 from .early_exit import EarlyExit
-from .model import T5
+from .model import T5, check_ids
 
 
 @torch.inference_mode()
@@ -41,6 +41,15 @@ def check_eval(name: str, model) -> None:
     if model.training:
         raise ValueError(f"{name} is in training mode, where dropout makes decoding random: call .eval() on it "
                          "first (minibild.load returns models in eval mode)")
+
+
+def check_one_source(input_ids, vocab_size: int, who: str, batched: str = "") -> None:
+    """Refuse anything but one source (1, S) of ids in [0, vocab_size): `who` decodes one at a time; `batched`
+    (if any) names what decodes a batch."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"{who} decodes one source at a time: input_ids must have shape (1, S), got "
+                         f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}{batched}")
+    check_ids("input_ids", input_ids, vocab_size)
 
 
 def check_count(name: str, value) -> None:

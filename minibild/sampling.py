@@ -25,8 +25,8 @@ import torch
 
 from .bild import (FALLBACK_THRESHOLD, MAX_NEW_TOKENS, MAX_SMALL_STEPS, BiLDResult, check_settings, check_source,
                    ended, feed, new_caches)
-from .generate import check_count, check_eval
-from .model import T5, check_ids
+from .generate import check_count, check_eval, check_one_source
+from .model import T5
 from .trace import BiLDStats, SampledLargeStep, SampledSmallStep
 
 
@@ -160,10 +160,7 @@ def sample(model: T5, input_ids, *, temperature: float, max_new_tokens: int = MA
     check_eval("the model", model)
     check_count("max_new_tokens", max_new_tokens)
     check_temperature(temperature, "minibild.greedy")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"sample decodes one source at a time: input_ids must have shape (1, S), got "
-                         f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}")
-    check_ids("input_ids", input_ids, model.config.vocab_size)
+    check_one_source(input_ids, model.config.vocab_size, "sample")
     draws = Uniforms(generator) if draws is None else draws
     cache = model.new_cache(model.encode(input_ids), max_length=max_new_tokens)
     y = [model.config.decoder_start_token_id]
