@@ -15,8 +15,8 @@ Schedule, in rounds. A row is waiting for the large model, in its small phase, o
 So every large call holds every unfinished row: the large model, the expensive one, is called as few times
 as the row that needs the most large calls needs, with as many rows as possible. A finished row leaves both
 caches after the large call, so the large call reads the caches in place; a small call over some of the rows
-gathers theirs, so waiting rows cost no compute (only that copy). A call pads its rows on the right to its
-longest one, and pays for that one.
+gathers theirs, so waiting rows cost no compute (only that copy). A call's linear layers and LM head see only
+the real tokens, packed; only attention groups them by row, padded to the longest row (ragged.py).
 
 Like bild.generate, an early-exit small model is batch-1 only (its shared cache has one length). Outputs
 match bild.generate's exactly in tokens, decisions and stats; a probability or cross-entropy in the trace
@@ -69,7 +69,7 @@ def generate_batch(large: T5, small: T5, input_ids, attention_mask=None, *,
                 step = verify(row.y, row.verified, start, fed, logits, rollback_threshold, eos, max_new_tokens)
                 if step.decision == "rollback":  # both caches keep y[:j] at most, in this row
                     caches["large"].crop(b, step.rollback_at)
-                    caches["small"].crop(b, min(caches["small"].lengths[b].item(), step.rollback_at))
+                    caches["small"].crop(b, min(caches["small"].lengths[b], step.rollback_at))
                 row.verified = len(row.y)
                 row.state = "done" if ended(row.y, eos, max_new_tokens) else "small"
             else:
@@ -93,14 +93,9 @@ def generate_batch(large: T5, small: T5, input_ids, attention_mask=None, *,
 def feed(model: T5, cache: ragged.RaggedKVCache, rows: list[Row], batch: list[int]):
     """One call feeding each row b in batch the tokens of its y its cache lacks -> per row (their start position,
     them, their logits (T_b, V)), as bild.generate's feed gives them for one row."""
-    starts = cache.lengths[batch].tolist()
+    starts = [cache.lengths[b] for b in batch]
     fed = [rows[b].y[start:] for b, start in zip(batch, starts)]
-    T = max(map(len, fed))
-    ids = [tokens + [model.config.pad_token_id] * (T - len(tokens)) for tokens in fed]  # right-padded
-    device = cache.lengths.device
-    logits = ragged.decode(model, cache, torch.tensor(batch, device=device), torch.tensor(ids, device=device),
-                           torch.tensor(list(map(len, fed)), device=device))  # (A, T, V)
-    return [(start, tokens, logits[a, :len(tokens)]) for a, (start, tokens) in enumerate(zip(starts, fed))]
+    return zip(starts, fed, ragged.decode(model, cache, batch, fed))
 
 
 def right_pad(sources, pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,19 +2,21 @@
 
 In batched BiLD each row has its own output y, so its cache holds its own number of positions, and a call
 feeds each row its own number of tokens. `RaggedKVCache` keeps KVCache's buffers (B, H, max_length, D) per
-layer and one length per row, `lengths` (B,). `decode(model, cache, rows, ids, fed)` runs one decoder call
-over some of the rows:
+layer and one length per row, `lengths` (a list of B ints, kept on the host). `decode(model, cache, rows,
+tokens)` runs one decoder call over some of the rows:
 
-- Inputs: ids (A, T) right-padded, fed (A,) how many of row a's ids are real. Row a's query i sits at
-  position lengths[row a] + i, its relative position bias is taken from its own positions, and its causal
-  mask hides every key past its own position. Logits come back (A, T, V); only row a's first fed[a] are real.
+- Inputs: tokens[a], the fed[a] >= 1 tokens for row rows[a]. They travel packed, (1, n) with n = sum of fed,
+  so linear layers and the LM head work on real tokens only; attention regroups them by row, (A, T) with T
+  = max fed, a row's padding slots repeating its last token. Row a's query i sits at position
+  lengths[row a] + i, its relative position bias is taken from its own positions, and its causal mask hides
+  every key past its own position. Logits come back per row, (fed[a], V).
 - Writes: each row's real keys/values go to its own positions, lengths[row] .. lengths[row] + fed - 1.
   Padding slots write nothing, so no valid entry is ever overwritten, whatever the rows' lengths.
 - Reads: the call reads every row's keys at 0 .. K-1, K = the longest row's new end. A row shorter than K
   holds stale entries (dropped by a crop) or zeros past its end; its real queries never see them, because
   each real query's causal mask hides every key past its own position, and the row's positions end there.
-  A padding slot sits at its row's last real position, so it looks no further than K either; its output is
-  garbage that nobody reads.
+  A padding slot repeats its row's last real token at that token's position, so it looks no further than K
+  either; its output is dropped when attention packs its output back.
 - crop(row, n) keeps one row's first n positions; the others are untouched.
 
 Rows not in a call are neither read nor written: a call over some rows gathers (copies) their keys and
@@ -35,17 +37,16 @@ class RaggedKVCache:
             # A masked key's weight is exactly 0, but 0 * NaN is NaN: no position may hold garbage from new_empty.
             buffer.zero_()
         self.kv, self.max_length = kv, kv.max_length
-        self.lengths = torch.zeros(kv.cross_bias.shape[0], dtype=torch.long, device=kv.cross_bias.device)  # (B,)
+        self.lengths = [0] * kv.cross_bias.shape[0]  # decoder positions held, per row (kept on the host)
 
     def keep_rows(self, rows: list[int]):
         """Keep only these rows, in this order; the others leave the cache."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
-        self.kv.keep_rows(index)
-        self.lengths = self.lengths[index]
+        self.kv.keep_rows(torch.tensor(rows, dtype=torch.long, device=self.kv.cross_bias.device))
+        self.lengths = [self.lengths[b] for b in rows]
 
     def crop(self, row: int, n: int):
         """Keep row's first n decoder positions, dropping the rest; other rows are untouched."""
-        length = self.lengths[row].item()
+        length = self.lengths[row]
         if not 0 <= n <= length:
             raise ValueError(f"crop({row}, {n}): row {row} holds {length} positions; n must be in [0, {length}]")
         self.lengths[row] = n
@@ -53,52 +54,78 @@ class RaggedKVCache:
 
 class RaggedCall:
     """One call's view of a RaggedKVCache: the interface the decoder's layers use (positions, update and the
-    cross-attention keys/values), over the rows of the call only."""
+    cross-attention keys/values), over the rows of the call only.
 
-    def __init__(self, cache: RaggedKVCache, rows, fed):
-        self.cache, self.rows, self.fed = cache, rows, fed  # (A,) each
-        self.start = cache.lengths[rows]  # (A,): each row's first new position
-        self.key_length = int((self.start + fed).max())  # the longest row's new end: keys 0..key_length-1
+    The call's tokens travel packed: the hidden states hold only the real tokens, (1, n, d_model), n = sum of
+    fed, row after row, so that the linear layers and the LM head compute nothing for padding. Attention
+    regroups them by row, (A, T, ...) with T = max fed, with by_row, and packs its output back with pack.
+    The index tensors are built on the host from Python lists: a call costs no device synchronisation."""
+
+    def __init__(self, cache: RaggedKVCache, rows: list[int], fed: list[int]):
+        starts = [cache.lengths[b] for b in rows]  # each row's first new position
+        self.key_length = max(s + f for s, f in zip(starts, fed))  # the longest row's new end: keys 0..key_length-1
         if self.key_length > cache.max_length:
             raise ValueError(f"RaggedKVCache holds at most {cache.max_length} decoder positions, asked for "
                              f"{self.key_length}: make the cache with a larger max_length")
-        kv = cache.kv
+        device, (A, T) = cache.kv.cross_bias.device, (len(rows), max(fed))
+        self.cache, self.shape = cache, (A, T)
+        self.rows, self.start = torch.tensor(rows, device=device), torch.tensor(starts, device=device)  # (A,) each
+        # A padding slot repeats its row's last real token: same query, same position, output never read.
+        slot_of = [[min(i, f - 1) for i in range(T)] for f in fed]
+        firsts = [sum(fed[:a]) for a in range(A)]  # where row a's tokens begin in the packed tokens
+        self.slot_of = torch.tensor(slot_of, device=device)  # (A, T)
+        self.packed_index = torch.tensor([[first + i for i in row] for first, row in zip(firsts, slot_of)],
+                                         device=device).view(-1)  # (A*T,): the packed token each slot reads
+        self.real_index = torch.tensor([a * T + i for a, f in enumerate(fed) for i in range(f)], device=device)  # (n,)
+        self.real_rows = torch.tensor([b for b, f in zip(rows, fed) for _ in range(f)], device=device)  # (n,)
+        self.real_positions = torch.tensor([s + i for s, f in zip(starts, fed) for i in range(f)], device=device)
+        self.uniform = min(fed) == T  # every row fed T tokens: no padding, and packing is a reshape
         # A call over every row in order reads the buffers themselves; a call over some rows gathers (copies) theirs.
-        self.every_row = len(rows) == len(cache.lengths) and bool((rows == torch.arange(len(rows), device=rows.device)).all())
+        self.every_row = rows == list(range(len(cache.lengths)))
+        kv = cache.kv
         self.cross_keys = [self.gather(k) for k in kv.cross_keys]  # per layer (A, H, S, D)
         self.cross_values = [self.gather(v) for v in kv.cross_values]
         self.cross_bias = self.gather(kv.cross_bias)  # (A, 1, 1, S)
-        T = int(fed.max())
-        slot = torch.arange(T, device=rows.device)
-        self.real_row, self.real_slot = (slot < fed[:, None]).nonzero(as_tuple=True)  # (n,) each: the real slots
+        self.packed = self  # tells the decoder's layers that their tokens are packed
 
     def gather(self, buffer):
         """The call's rows of a (B, ...) buffer: the buffer itself when the call holds every row."""
-        return buffer if self.every_row else buffer[self.rows]
+        return buffer if self.every_row else buffer.index_select(0, self.rows)
+
+    def by_row(self, x):
+        """Packed tokens (1, n, C) -> (A, T, C), row a's real tokens first, then copies of its last one."""
+        return (x if self.uniform else x[0].index_select(0, self.packed_index)).view(*self.shape, -1)
+
+    def pack(self, x):
+        """(A, T, C) -> the real slots only, packed (1, n, C)."""
+        x = x.reshape(1, -1, x.shape[-1])
+        return x if self.uniform else x[0].index_select(0, self.real_index)[None]
 
     def positions(self, start, T: int):
         """Row a's query i sits at start[a] + i; a padding slot at its row's last real position, so that no
         query looks past key_length -> positions (A, T), key_length."""
-        slot = torch.arange(T, device=start.device)
-        return start[:, None] + torch.minimum(slot, self.fed[:, None] - 1), self.key_length
+        return start[:, None] + self.slot_of, self.key_length
 
     def update(self, layer: int, start, k, v):
-        """Write the real slots' keys/values (A, H, T, D) at their rows' own positions; padding slots write
-        nothing. Return the call's rows' keys/values at 0..key_length-1, (A, H, key_length, D) each."""
-        rows, position = self.rows[self.real_row], start[self.real_row] + self.real_slot  # (n,) each
+        """Write the packed tokens' keys/values (1, H, n, D) at their rows' own positions. Return the call's rows'
+        keys/values at 0..key_length-1, (A, H, key_length, D) each."""
         keys, values = self.cache.kv.keys[layer], self.cache.kv.values[layer]  # (B, H, max_length, D)
-        keys[rows, :, position] = k[self.real_row, :, self.real_slot]  # (n, H, D)
-        values[rows, :, position] = v[self.real_row, :, self.real_slot]
-        return self.gather(keys)[:, :, :self.key_length], self.gather(values)[:, :, :self.key_length]
+        keys[self.real_rows, :, self.real_positions] = k[0].transpose(0, 1)  # (n, H, D)
+        values[self.real_rows, :, self.real_positions] = v[0].transpose(0, 1)
+        return self.gather(keys[:, :, :self.key_length]), self.gather(values[:, :, :self.key_length])
 
 
-def decode(model: T5, cache: RaggedKVCache, rows, ids, fed):
-    """Feed row rows[a] of the cache its tokens ids[a, :fed[a]] after the positions it holds -> logits (A, T, V),
-    of which row a's first fed[a] are real. rows (A,) distinct, ids (A, T) right-padded, fed (A,) >= 1."""
-    if not ((fed >= 1) & (fed <= ids.shape[1])).all():
-        raise ValueError(f"fed must give each row 1 to {ids.shape[1]} tokens (ids' width), got {fed.tolist()}")
+def decode(model: T5, cache: RaggedKVCache, rows: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
+    """Feed row rows[a] of the cache the tokens tokens[a] after the positions it holds -> their logits, per row
+    (len(tokens[a]), V). rows distinct; every row is fed at least one token; the other rows are untouched."""
+    if len(rows) != len(tokens) or not all(tokens) or len(set(rows)) != len(rows):
+        raise ValueError(f"decode needs distinct rows and one non-empty token list per row: rows {rows}, token "
+                         f"counts {list(map(len, tokens))}")
+    fed = list(map(len, tokens))
     call = RaggedCall(cache, rows, fed)
+    ids = torch.tensor([t for row in tokens for t in row], device=call.rows.device)[None]  # (1, n): packed
     decoder = model.decoder
     h = decoder.run_layers(decoder.dropout(model.embed(ids)), call, call.start, range(len(decoder.layers)))
-    cache.lengths[rows] += fed
-    return model.logits(decoder.dropout(decoder.final_norm(h)))
+    for b, f in zip(rows, fed):
+        cache.lengths[b] += f
+    return list(model.logits(decoder.dropout(decoder.final_norm(h)))[0].split(fed))  # per row (fed[a], V)

@@ -146,16 +146,15 @@ def test_ragged_cache_holds_what_one_row_alone_would():
     held = [[] for _ in sources]  # the tokens each row's cache holds
     seen = Counter()
     for _ in range(40):
-        rows = sorted(rng.sample(range(len(sources)), rng.randint(1, len(sources))))
+        rows = rng.sample(range(len(sources)), rng.randint(1, len(sources)))  # in any order
+        if rng.random() < 0.5:
+            rows = sorted(rows) if rng.random() < 0.4 else list(range(len(sources)))  # every row: read in place
         fed = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, min(3, 24 - len(held[b]))))] for b in rows]
-        width = max(map(len, fed))
-        logits = ragged.decode(model, cache, torch.tensor(rows), torch.tensor([f + [PAD] * (width - len(f))
-                                                                               for f in fed]),
-                               torch.tensor(list(map(len, fed))))
+        logits = ragged.decode(model, cache, rows, fed)
         for a, (b, tokens) in enumerate(zip(rows, fed)):
             alone = model.new_cache(model.encode(sources[b][None]), max_length=24)
             expected = model.decode(torch.tensor([held[b] + tokens]), alone)[0, len(held[b]):]
-            torch.testing.assert_close(logits[a, :len(tokens)], expected, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(logits[a], expected, rtol=1e-9, atol=1e-12)
             held[b] += tokens
             n = len(held[b])
             for layer in range(len(model.decoder.layers)):
@@ -163,28 +162,34 @@ def test_ragged_cache_holds_what_one_row_alone_would():
                                            rtol=1e-9, atol=1e-12)
                 torch.testing.assert_close(cache.kv.values[layer][b, :, :n], alone.values[layer][0, :, :n],
                                            rtol=1e-9, atol=1e-12)
-        assert cache.lengths.tolist() == list(map(len, held))
+        assert cache.lengths == list(map(len, held))
         seen["rows of different lengths in one call"] += len({len(held[b]) for b in rows}) > 1
         seen["padded slots"] += len(set(map(len, fed))) > 1
+        seen["every row, in place"] += rows == list(range(len(sources)))
+        seen["rows out of the cache's order"] += rows != sorted(rows)
         for b in range(len(sources)):
             if held[b] and rng.random() < 0.3 or len(held[b]) > 20:  # crop one row, the others untouched
                 held[b] = held[b][:rng.randint(0, len(held[b]))]
                 cache.crop(b, len(held[b]))
                 seen["crops"] += 1
-    assert_reached(seen, ["rows of different lengths in one call", "padded slots", "crops"], least=10)
+    assert_reached(seen, ["rows of different lengths in one call", "padded slots", "crops", "every row, in place",
+                          "rows out of the cache's order"], least=8)
 
 
 def test_ragged_crop_and_length_errors():
     model, _ = model_pair("disagree")
     ids = torch.tensor([[3, 4], [5, 6]])
     cache = ragged.RaggedKVCache(model.new_cache(model.encode(ids), max_length=3))
-    ragged.decode(model, cache, torch.tensor([1]), torch.tensor([[7, 8]]), torch.tensor([2]))
+    ragged.decode(model, cache, [1], [[7, 8]])
     with pytest.raises(ValueError, match=r"crop\(0, 1\): row 0 holds 0 positions; n must be in \[0, 0\]"):
         cache.crop(0, 1)
-    with pytest.raises(ValueError, match=r"fed must give each row 1 to 2 tokens \(ids' width\), got \[0\]"):
-        ragged.decode(model, cache, torch.tensor([0]), torch.tensor([[7, 8]]), torch.tensor([0]))
+    for rows, tokens, counts in (([0], [[]], r"rows \[0\], token counts \[0\]"),
+                                 ([0, 1], [[7]], r"rows \[0, 1\], token counts \[1\]"),
+                                 ([1, 1], [[7], [8]], r"rows \[1, 1\], token counts \[1, 1\]")):
+        with pytest.raises(ValueError, match="distinct rows and one non-empty token list per row: " + counts):
+            ragged.decode(model, cache, rows, tokens)
     with pytest.raises(ValueError, match="at most 3 decoder positions, asked for 4"):
-        ragged.decode(model, cache, torch.tensor([0, 1]), torch.tensor([[7, 8], [9, PAD]]), torch.tensor([2, 2]))
+        ragged.decode(model, cache, [0, 1], [[7, 8], [9, 10]])
 
 
 @pytest.mark.parametrize("ids, mask, message", [
@@ -225,9 +230,9 @@ def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch
     calls = []
     decode = ragged.decode
 
-    def recorded(model, cache, rows, ids, fed):
-        calls.append((model, rows.tolist()))
-        return decode(model, cache, rows, ids, fed)
+    def recorded(model, cache, rows, tokens):
+        calls.append((model, list(rows)))
+        return decode(model, cache, rows, tokens)
 
     monkeypatch.setattr(ragged, "decode", recorded)
     large, small = model_pair("disagree")
