@@ -14,9 +14,10 @@ Schedule, in rounds. A row is waiting for the large model, in its small phase, o
    cache lacks; a row whose phase ends (fallback, handover, EOS or the cap) waits for the next round.
 So every large call holds every unfinished row: the large model, the expensive one, is called as few times
 as the row that needs the most large calls needs, with as many rows as possible. A finished row leaves both
-caches after the large call, so the large call reads the caches in place; a small call over some of the rows
-gathers theirs, so waiting rows cost no compute (only that copy). A call's linear layers and LM head see only
-the real tokens, packed; only attention groups them by row, padded to the longest row (ragged.py).
+caches after the large call, so the large call reads the caches in place. A call's linear layers and LM head
+see only the real tokens, packed; only attention groups them by row, padded to the longest row, and a small
+call over most rows lets the waiting ones ride along idle in attention rather than copy the others' caches
+(ragged.py).
 
 Like bild.generate, an early-exit small model is batch-1 only (its shared cache has one length). Outputs
 match bild.generate's exactly in tokens, decisions and stats; a probability or cross-entropy in the trace

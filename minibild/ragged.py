@@ -19,8 +19,10 @@ tokens)` runs one decoder call over some of the rows:
   either; its output is dropped when attention packs its output back.
 - crop(row, n) keeps one row's first n positions; the others are untouched.
 
-Rows not in a call are neither read nor written: a call over some rows gathers (copies) their keys and
-values; a call over every row, in order, reads the buffers in place. keep_rows(rows) drops finished rows.
+Rows not in a call are never written. A call fed fewer than half the rows gathers (copies) their keys and
+values; a call fed more reads the buffers in place, the rows it does not feed riding along idle (their
+attention is computed and dropped): on the CPU, gathering a few rows costs less than idle ones, and many
+rows more. keep_rows(rows) drops finished rows.
 """
 import torch
 
@@ -54,34 +56,41 @@ class RaggedKVCache:
 
 class RaggedCall:
     """One call's view of a RaggedKVCache: the interface the decoder's layers use (positions, update and the
-    cross-attention keys/values), over the rows of the call only.
+    cross-attention keys/values), over the call's rows.
 
     The call's tokens travel packed: the hidden states hold only the real tokens, (1, n, d_model), n = sum of
     fed, row after row, so that the linear layers and the LM head compute nothing for padding. Attention
     regroups them by row, (A, T, ...) with T = max fed, with by_row, and packs its output back with pack.
+
+    A call fed at least half the cache's rows reads the buffers in place: its rows are all the cache's rows, and
+    a row it does not feed rides along idle (its attention is computed, and dropped). A call fed fewer rows
+    gathers (copies) their keys and values, which costs more than a few idle rows but less than many.
     The index tensors are built on the host from Python lists: a call costs no device synchronisation."""
 
-    def __init__(self, cache: RaggedKVCache, rows: list[int], fed: list[int]):
+    def __init__(self, cache: RaggedKVCache, fed: dict[int, int]):
+        B = len(cache.lengths)
+        self.in_place = 2 * len(fed) >= B
+        rows = list(range(B)) if self.in_place else sorted(fed)  # the call's rows, in the cache's order
+        counts = [fed.get(b, 0) for b in rows]  # tokens fed per call row; 0: idle
         starts = [cache.lengths[b] for b in rows]  # each row's first new position
-        self.key_length = max(s + f for s, f in zip(starts, fed))  # the longest row's new end: keys 0..key_length-1
+        self.key_length = max(s + f for s, f in zip(starts, counts))  # the longest row's new end: keys 0..key_length-1
         if self.key_length > cache.max_length:
             raise ValueError(f"RaggedKVCache holds at most {cache.max_length} decoder positions, asked for "
                              f"{self.key_length}: make the cache with a larger max_length")
-        device, (A, T) = cache.kv.cross_bias.device, (len(rows), max(fed))
-        self.cache, self.shape = cache, (A, T)
+        device, (A, T) = cache.kv.cross_bias.device, (len(rows), max(counts))
+        self.cache, self.shape, self.counts = cache, (A, T), counts
         self.rows, self.start = torch.tensor(rows, device=device), torch.tensor(starts, device=device)  # (A,) each
-        # A padding slot repeats its row's last real token: same query, same position, output never read.
-        slot_of = [[min(i, f - 1) for i in range(T)] for f in fed]
-        firsts = [sum(fed[:a]) for a in range(A)]  # where row a's tokens begin in the packed tokens
+        # A padding slot repeats its row's last real token: same query, same position, output never read. An idle
+        # row's slots repeat some packed token at the row's last held position (start - 1), their output never read.
+        slot_of = [[min(i, f - 1) for i in range(T)] for f in counts]
+        firsts = [sum(counts[:a]) for a in range(A)]  # where row a's tokens begin in the packed tokens
         self.slot_of = torch.tensor(slot_of, device=device)  # (A, T)
-        self.packed_index = torch.tensor([[first + i for i in row] for first, row in zip(firsts, slot_of)],
+        self.packed_index = torch.tensor([[max(first + i, 0) for i in row] for first, row in zip(firsts, slot_of)],
                                          device=device).view(-1)  # (A*T,): the packed token each slot reads
-        self.real_index = torch.tensor([a * T + i for a, f in enumerate(fed) for i in range(f)], device=device)  # (n,)
-        self.real_rows = torch.tensor([b for b, f in zip(rows, fed) for _ in range(f)], device=device)  # (n,)
-        self.real_positions = torch.tensor([s + i for s, f in zip(starts, fed) for i in range(f)], device=device)
-        self.uniform = min(fed) == T  # every row fed T tokens: no padding, and packing is a reshape
-        # A call over every row in order reads the buffers themselves; a call over some rows gathers (copies) theirs.
-        self.every_row = rows == list(range(len(cache.lengths)))
+        self.real_index = torch.tensor([a * T + i for a, f in enumerate(counts) for i in range(f)], device=device)
+        self.real_rows = torch.tensor([b for b, f in zip(rows, counts) for _ in range(f)], device=device)  # (n,)
+        self.real_positions = torch.tensor([s + i for s, f in zip(starts, counts) for i in range(f)], device=device)
+        self.uniform = min(counts) == T  # every row fed T tokens: no padding, and packing is a reshape
         kv = cache.kv
         self.cross_keys = [self.gather(k) for k in kv.cross_keys]  # per layer (A, H, S, D)
         self.cross_values = [self.gather(v) for v in kv.cross_values]
@@ -89,11 +98,11 @@ class RaggedCall:
         self.packed = self  # tells the decoder's layers that their tokens are packed
 
     def gather(self, buffer):
-        """The call's rows of a (B, ...) buffer: the buffer itself when the call holds every row."""
-        return buffer if self.every_row else buffer.index_select(0, self.rows)
+        """The call's rows of a (B, ...) buffer: the buffer itself when the call reads in place."""
+        return buffer if self.in_place else buffer.index_select(0, self.rows)
 
     def by_row(self, x):
-        """Packed tokens (1, n, C) -> (A, T, C), row a's real tokens first, then copies of its last one."""
+        """Packed tokens (1, n, C) -> (A, T, C), row a's real tokens first, then copies."""
         return (x if self.uniform else x[0].index_select(0, self.packed_index)).view(*self.shape, -1)
 
     def pack(self, x):
@@ -102,8 +111,8 @@ class RaggedCall:
         return x if self.uniform else x[0].index_select(0, self.real_index)[None]
 
     def positions(self, start, T: int):
-        """Row a's query i sits at start[a] + i; a padding slot at its row's last real position, so that no
-        query looks past key_length -> positions (A, T), key_length."""
+        """Row a's query i sits at start[a] + i; a copy at the position of the token it repeats (an idle row's at
+        start[a] - 1), so that no query looks past key_length -> positions (A, T), key_length."""
         return start[:, None] + self.slot_of, self.key_length
 
     def update(self, layer: int, start, k, v):
@@ -121,11 +130,14 @@ def decode(model: T5, cache: RaggedKVCache, rows: list[int], tokens: list[list[i
     if len(rows) != len(tokens) or not all(tokens) or len(set(rows)) != len(rows):
         raise ValueError(f"decode needs distinct rows and one non-empty token list per row: rows {rows}, token "
                          f"counts {list(map(len, tokens))}")
-    fed = list(map(len, tokens))
-    call = RaggedCall(cache, rows, fed)
-    ids = torch.tensor([t for row in tokens for t in row], device=call.rows.device)[None]  # (1, n): packed
+    fed = dict(zip(rows, tokens))
+    call = RaggedCall(cache, {b: len(t) for b, t in fed.items()})
+    order = [b for b in call.rows.tolist() if b in fed]  # the packed tokens go in the call's row order
+    ids = torch.tensor([t for b in order for t in fed[b]], device=call.start.device)[None]  # (1, n)
     decoder = model.decoder
     h = decoder.run_layers(decoder.dropout(model.embed(ids)), call, call.start, range(len(decoder.layers)))
-    for b, f in zip(rows, fed):
-        cache.lengths[b] += f
-    return list(model.logits(decoder.dropout(decoder.final_norm(h)))[0].split(fed))  # per row (fed[a], V)
+    logits = model.logits(decoder.dropout(decoder.final_norm(h)))[0].split([len(fed[b]) for b in order])
+    for b in rows:
+        cache.lengths[b] += len(fed[b])
+    by_row = dict(zip(order, logits))
+    return [by_row[b] for b in rows]  # per row (len(tokens[a]), V)

@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (DTYPES, WEIGHTS, UsageError, device_name, load_pair, read_sources,  # noqa: E402
                       report_errors)
-from minibild import bild  # noqa: E402
+from minibild import bild, ragged  # noqa: E402
+from minibild.model import T5  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
 
 SYSTEMS = {"large greedy": Mode("large"), "BiLD": Mode("bild"),
@@ -48,15 +49,57 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def timed_pass(mode: Mode, large, small, sources: list[list[int]], batch_size: int) -> tuple[list, list[float]]:
-    """Decode every source once, batch_size at a time -> (tokens per source, seconds per batch)."""
-    outputs, seconds = [], []
-    start = time.perf_counter()
-    for rows in mode.decode_batches(large, small, sources, batch_size):
-        seconds.append(time.perf_counter() - start)
-        outputs += [tokens for tokens, _ in rows]
+class CallLog:
+    """Every decoder call of a pass, timed: batch-1 code and batched greedy call T5.decode, batched BiLD ragged.decode
+    (which does not go through T5.decode). Per model: calls, rows and tokens fed, seconds inside the calls."""
+
+    def __init__(self, large, small):
+        self.names = {id(large): "large", id(small): "small"}
+        self.log = []  # (model name, rows, tokens, seconds)
+
+    def __enter__(self):
+        self.saved = T5.decode, ragged.decode
+        t5_decode, ragged_decode = self.saved
+
+        def logged_t5(model, ids, cache):
+            return self.timed(model, ids.shape[0], ids.numel(), t5_decode, model, ids, cache)
+
+        def logged_ragged(model, cache, rows, tokens):
+            return self.timed(model, len(rows), sum(map(len, tokens)), ragged_decode, model, cache, rows, tokens)
+        T5.decode, ragged.decode = logged_t5, logged_ragged
+        return self
+
+    def timed(self, model, rows: int, tokens: int, decode, *args):
         start = time.perf_counter()
-    return outputs, seconds
+        out = decode(*args)
+        self.log.append((self.names[id(model)], rows, tokens, time.perf_counter() - start))
+        return out
+
+    def __exit__(self, *exc):
+        T5.decode, ragged.decode = self.saved
+
+    def summary(self) -> dict:
+        """Per model: calls, mean rows and tokens per call, seconds inside its calls."""
+        out = {}
+        for name in ("large", "small"):
+            calls = [entry for entry in self.log if entry[0] == name]
+            if calls:
+                out[name] = {"calls": len(calls), "rows_per_call": sum(c[1] for c in calls) / len(calls),
+                             "tokens_per_call": sum(c[2] for c in calls) / len(calls),
+                             "seconds": sum(c[3] for c in calls)}
+        return out
+
+
+def timed_pass(mode: Mode, large, small, sources: list[list[int]], batch_size: int) -> tuple[list, list[float], dict]:
+    """Decode every source once, batch_size at a time -> (tokens per source, seconds per batch, CallLog summary)."""
+    outputs, seconds = [], []
+    with CallLog(large, small) as calls:
+        start = time.perf_counter()
+        for rows in mode.decode_batches(large, small, sources, batch_size):
+            seconds.append(time.perf_counter() - start)
+            outputs += [tokens for tokens, _ in rows]
+            start = time.perf_counter()
+    return outputs, seconds, calls.summary()
 
 
 def measure(large, small, sources, batch_sizes: list[int], rounds: int) -> dict:
@@ -71,13 +114,36 @@ def measure(large, small, sources, batch_sizes: list[int], rounds: int) -> dict:
     figures = {}
     for (label, b), timed in passes.items():
         outputs = timed[0][0]
-        assert all(o == outputs for o, _ in timed), f"{label} at batch {b} decoded differently in two rounds"
+        assert all(o == outputs for o, _, _ in timed), f"{label} at batch {b} decoded differently in two rounds"
         tokens = sum(map(len, outputs))
-        per_sentence = [statistics.median(seconds[i // b] for _, seconds in timed) for i in range(len(sources))]
+        per_sentence = [statistics.median(seconds[i // b] for _, seconds, _ in timed) for i in range(len(sources))]
+        calls = timed[0][2]  # the counts are the same in every round; the seconds are medians over rounds
+        for name, entry in calls.items():
+            entry["seconds"] = statistics.median(summary[name]["seconds"] for _, _, summary in timed)
         figures[label, b] = {"outputs": outputs,
-                             "tokens_per_s": statistics.median(tokens / sum(seconds) for _, seconds in timed),
-                             "latency_ms": 1000 * statistics.median(per_sentence)}
+                             "tokens_per_s": statistics.median(tokens / sum(seconds) for _, seconds, _ in timed),
+                             "latency_ms": 1000 * statistics.median(per_sentence),
+                             "seconds": statistics.median(sum(seconds) for _, seconds, _ in timed),
+                             "calls": calls}
     return figures
+
+
+def format_calls(figures: dict, batch_sizes: list[int]) -> str:
+    """Where each pass's time goes: per model, its calls (how many, rows and tokens per call, ms per call), then the
+    seconds outside the decoder calls (encoders, decisions, the loop)."""
+    lines = ["system".ljust(14) + "batch".rjust(6) + "  large: calls  rows tok/call ms/call" +
+             "  small: calls  rows tok/call ms/call" + "  outside s"]
+    for label in SYSTEMS:
+        for b in batch_sizes:
+            entry = figures[label, b]
+            cells = ""
+            for name in ("large", "small"):
+                c = entry["calls"].get(name)
+                cells += (f"{c['calls']:>14}{c['rows_per_call']:>6.2f}{c['tokens_per_call']:>9.2f}"
+                          f"{1000 * c['seconds'] / c['calls']:>8.2f}" if c else " " * 37)
+            inside = sum(c["seconds"] for c in entry["calls"].values())
+            lines.append(label.ljust(14) + f"{b:>6}" + cells + f"{entry['seconds'] - inside:>11.2f}")
+    return "\n".join(lines)
 
 
 def run(args):
@@ -102,6 +168,8 @@ def run(args):
                             for b in batch_sizes) for label in SYSTEMS}
     for label, same in identical.items():
         print(f"  {label}: outputs {'identical' if same else 'DIFFER'} across batch sizes {batch_sizes}")
+    print("Where the time goes (ms per call and seconds outside the calls: medians over rounds):")
+    print(format_calls(figures, batch_sizes))
     report = {"meta": {"split": args.split, "sentences": len(sources), "large": args.large, "small": args.small,
                        "dtype": args.dtype, "threads": torch.get_num_threads(), "rounds": args.rounds,
                        "device": device_name(device), "torch": torch.__version__,

@@ -134,10 +134,18 @@ def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched():
     assert sum(early_exits) >= 5, f"only {sum(early_exits)} examples had a row finish before another"
 
 
-def test_ragged_cache_holds_what_one_row_alone_would():
+def test_ragged_cache_holds_what_one_row_alone_would(monkeypatch):
     """Random calls over random subsets of rows, each row fed 1-3 tokens, with random crops: after every call,
     each row's logits and each layer's keys/values at its positions equal a fresh one-row cache's over the
-    tokens that row holds."""
+    tokens that row holds. Calls over few rows gather them; calls over most read in place, the rest riding idle."""
+    calls = []
+
+    class Recorded(ragged.RaggedCall):
+        def __init__(self, *args):
+            super().__init__(*args)
+            calls.append(self)
+
+    monkeypatch.setattr(ragged, "RaggedCall", Recorded)
     model, _ = model_pair("disagree", 1)
     rng = random.Random(0)
     sources = [random_source(seed)[0] for seed in range(5)]
@@ -145,7 +153,7 @@ def test_ragged_cache_holds_what_one_row_alone_would():
     cache = ragged.RaggedKVCache(model.new_cache(model.encode(ids, mask), mask, max_length=24))
     held = [[] for _ in sources]  # the tokens each row's cache holds
     seen = Counter()
-    for _ in range(40):
+    for _ in range(60):
         rows = rng.sample(range(len(sources)), rng.randint(1, len(sources)))  # in any order
         if rng.random() < 0.5:
             rows = sorted(rows) if rng.random() < 0.4 else list(range(len(sources)))  # every row: read in place
@@ -166,14 +174,20 @@ def test_ragged_cache_holds_what_one_row_alone_would():
         seen["rows of different lengths in one call"] += len({len(held[b]) for b in rows}) > 1
         seen["padded slots"] += len(set(map(len, fed))) > 1
         seen["every row, in place"] += rows == list(range(len(sources)))
+        call = calls[-1]
+        seen["in place, with idle rows"] += call.in_place and 0 in call.counts
+        seen["an idle row that holds nothing"] += call.in_place and any(
+            count == 0 and not held[b] for b, count in enumerate(call.counts))
+        seen["gathered"] += not call.in_place
         seen["rows out of the cache's order"] += rows != sorted(rows)
         for b in range(len(sources)):
             if held[b] and rng.random() < 0.3 or len(held[b]) > 20:  # crop one row, the others untouched
-                held[b] = held[b][:rng.randint(0, len(held[b]))]
+                held[b] = held[b][:rng.choice([0, rng.randint(0, len(held[b]))])]  # often all of it
                 cache.crop(b, len(held[b]))
                 seen["crops"] += 1
     assert_reached(seen, ["rows of different lengths in one call", "padded slots", "crops", "every row, in place",
-                          "rows out of the cache's order"], least=8)
+                          "rows out of the cache's order", "in place, with idle rows", "an idle row that holds nothing",
+                          "gathered"], least=4)
 
 
 def test_ragged_crop_and_length_errors():

@@ -212,8 +212,18 @@ def test_bench_batch_end_to_end(pair, tmp_path, capsys):
     scaling = report["scaling"]
     assert scaling["batch_size"] == 4
     assert scaling["ratio"] == pytest.approx(scaling["exact_bild_gain"] / scaling["large_greedy_gain"])
+    for system in ("large greedy", "BiLD", "exact BiLD", "speculative"):  # every row makes the calls it makes alone
+        alone, batched = (report["figures"][f"{system} @ {b}"]["calls"] for b in (1, 4))
+        assert alone.keys() == batched.keys() == ({"large"} if system == "large greedy" else {"large", "small"})
+        for entry in alone.values():
+            assert entry["rows_per_call"] == 1 and entry["seconds"] > 0
+        for name, entry in batched.items():
+            assert entry["calls"] < alone[name]["calls"]
+            for per_call in ("rows_per_call", "tokens_per_call"):
+                assert entry["calls"] * entry[per_call] == pytest.approx(alone[name]["calls"] * alone[name][per_call])
     printed = capsys.readouterr().out
     assert printed.count("identical across batch sizes [1, 4]") == 4 and "ratio" in printed
+    assert "Where the time goes" in printed
 
 
 def test_bench_batch_refuses_a_bad_batch_size(pair, capsys):
