@@ -221,9 +221,14 @@ def test_bench_batch_end_to_end(pair, tmp_path, capsys):
             assert entry["calls"] < alone[name]["calls"]
             for per_call in ("rows_per_call", "tokens_per_call"):
                 assert entry["calls"] * entry[per_call] == pytest.approx(alone[name]["calls"] * alone[name][per_call])
+    inside = scaling["inside_calls"]
+    assert inside["ratio"] == pytest.approx(inside["exact_bild_gain"] / inside["large_greedy_gain"])
+    seconds = {b: sum(entry["seconds"] for entry in report["figures"][f"large greedy @ {b}"]["calls"].values())
+               for b in (1, 4)}
+    assert inside["large_greedy_gain"] == pytest.approx(seconds[1] / seconds[4])
     printed = capsys.readouterr().out
     assert printed.count("identical across batch sizes [1, 4]") == 4 and "ratio" in printed
-    assert "Where the time goes" in printed
+    assert "Where the time goes" in printed and "inside the decoder calls only" in printed
 
 
 def test_bench_batch_refuses_a_bad_batch_size(pair, capsys):
