@@ -64,7 +64,8 @@ class RaggedCall:
 
     A call fed at least half the cache's rows reads the buffers in place: its rows are all the cache's rows, and
     a row it does not feed rides along idle (its attention is computed, and dropped). A call fed fewer rows
-    gathers (copies) their keys and values, which costs more than a few idle rows but less than many.
+    gathers (copies) their keys and values: copying a few rows costs less than many idle ones, and copying
+    many more than a few idle ones.
     The index tensors are built on the host from Python lists: a call costs no device synchronisation."""
 
     def __init__(self, cache: RaggedKVCache, fed: dict[int, int]):
@@ -78,7 +79,7 @@ class RaggedCall:
             raise ValueError(f"RaggedKVCache holds at most {cache.max_length} decoder positions, asked for "
                              f"{self.key_length}: make the cache with a larger max_length")
         device, (A, T) = cache.kv.cross_bias.device, (len(rows), max(counts))
-        self.cache, self.shape, self.counts = cache, (A, T), counts
+        self.cache, self.shape, self.row_list, self.counts = cache, (A, T), rows, counts
         self.rows, self.start = torch.tensor(rows, device=device), torch.tensor(starts, device=device)  # (A,) each
         # A padding slot repeats its row's last real token: same query, same position, output never read. An idle
         # row's slots repeat some packed token at the row's last held position (start - 1), their output never read.
@@ -132,7 +133,7 @@ def decode(model: T5, cache: RaggedKVCache, rows: list[int], tokens: list[list[i
                          f"counts {list(map(len, tokens))}")
     fed = dict(zip(rows, tokens))
     call = RaggedCall(cache, {b: len(t) for b, t in fed.items()})
-    order = [b for b in call.rows.tolist() if b in fed]  # the packed tokens go in the call's row order
+    order = [b for b in call.row_list if b in fed]  # the packed tokens go in the call's row order
     ids = torch.tensor([t for b in order for t in fed[b]], device=call.start.device)[None]  # (1, n)
     decoder = model.decoder
     h = decoder.run_layers(decoder.dropout(model.embed(ids)), call, call.start, range(len(decoder.layers)))
