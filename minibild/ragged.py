@@ -131,6 +131,8 @@ def decode(model: T5, cache: RaggedKVCache, rows: list[int], tokens: list[list[i
     if len(rows) != len(tokens) or not all(tokens) or len(set(rows)) != len(rows):
         raise ValueError(f"decode needs distinct rows and one non-empty token list per row: rows {rows}, token "
                          f"counts {list(map(len, tokens))}")
+    if not all(0 <= b < len(cache.lengths) for b in rows):
+        raise ValueError(f"decode was given rows {rows}; the cache holds rows 0..{len(cache.lengths) - 1}")
     fed = dict(zip(rows, tokens))
     call = RaggedCall(cache, {b: len(t) for b, t in fed.items()})
     order = [b for b in call.row_list if b in fed]  # the packed tokens go in the call's row order

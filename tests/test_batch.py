@@ -202,6 +202,8 @@ def test_ragged_crop_and_length_errors():
                                  ([1, 1], [[7], [8]], r"rows \[1, 1\], token counts \[1, 1\]")):
         with pytest.raises(ValueError, match="distinct rows and one non-empty token list per row: " + counts):
             ragged.decode(model, cache, rows, tokens)
+    with pytest.raises(ValueError, match=r"decode was given rows \[0, 2\]; the cache holds rows 0..1"):
+        ragged.decode(model, cache, [0, 2], [[7], [8]])
     with pytest.raises(ValueError, match="at most 3 decoder positions, asked for 4"):
         ragged.decode(model, cache, [0, 1], [[7, 8], [9, 10]])
 
