@@ -84,14 +84,16 @@ class RaggedCall:
         # A padding slot repeats its row's last real token: same query, same position, output never read. An idle
         # row's slots repeat some packed token at the row's last held position (start - 1), their output never read.
         slot_of = [[min(i, f - 1) for i in range(T)] for f in counts]
-        firsts = [sum(counts[:a]) for a in range(A)]  # where row a's tokens begin in the packed tokens
         self.slot_of = torch.tensor(slot_of, device=device)  # (A, T)
-        self.packed_index = torch.tensor([[max(first + i, 0) for i in row] for first, row in zip(firsts, slot_of)],
-                                         device=device).view(-1)  # (A*T,): the packed token each slot reads
-        self.real_index = torch.tensor([a * T + i for a, f in enumerate(counts) for i in range(f)], device=device)
         self.real_rows = torch.tensor([b for b, f in zip(rows, counts) for _ in range(f)], device=device)  # (n,)
         self.real_positions = torch.tensor([s + i for s, f in zip(starts, counts) for i in range(f)], device=device)
         self.uniform = min(counts) == T  # every row fed T tokens: no padding, and packing is a reshape
+        if not self.uniform:  # by_row and pack regroup the packed tokens through these
+            firsts = [sum(counts[:a]) for a in range(A)]  # where row a's tokens begin in the packed tokens
+            self.packed_index = torch.tensor([[max(first + i, 0) for i in row] for first, row in zip(firsts, slot_of)],
+                                             device=device).view(-1)  # (A*T,): the packed token each slot reads
+            self.real_index = torch.tensor([a * T + i for a, f in enumerate(counts) for i in range(f)],
+                                           device=device)  # (n,): the real slots, in (A*T,)
         kv = cache.kv
         self.cross_keys = [self.gather(k) for k in kv.cross_keys]  # per layer (A, H, S, D)
         self.cross_values = [self.gather(v) for v in kv.cross_values]
