@@ -12,8 +12,10 @@ Every system must give the same outputs at every batch size; the script says whe
 every decoder call is timed (batch-1 code and batched greedy call T5.decode, batched BiLD ragged.decode), giving
 per model its calls, rows and tokens per call and ms per call, and the seconds outside the calls (encoders,
 decisions, the loop). Last, how exact BiLD scales against large greedy from batch 1 to the second batch size given
-(8 by default): the ratio of the two throughput gains, which minibild aims to keep >= 0.8, and the same ratio
-counting only the seconds inside the decoder calls.
+(8 by default): the ratio of the two throughput gains, which minibild aims to keep >= 0.8, the same ratio from each
+round's passes alone (their spread is the machine's drift, which on a shared VM moves the ratio by tenths), and the
+ratio counting only the seconds inside the decoder calls. --systems runs only some systems (the ratio needs exact
+BiLD and large greedy).
 """
 import argparse
 import json
@@ -48,6 +50,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--rounds", type=int, default=3, help="timed passes per system and batch size")
+    p.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS), metavar="SYSTEM",
+                   help=f"the systems to run, among {', '.join(map(repr, SYSTEMS))} (default: all)")
     p.add_argument("--json", help="also write the figures here")
     return p.parse_args(argv)
 
@@ -105,10 +109,10 @@ def timed_pass(mode: Mode, large, small, sources: list[list[int]], batch_size: i
     return outputs, seconds, calls.summary()
 
 
-def measure(large, small, sources, batch_sizes: list[int], rounds: int) -> dict:
+def measure(large, small, sources, batch_sizes: list[int], rounds: int, systems: list[str]) -> dict:
     """Every (system, batch size) once per round, the order rotating -> {(system, batch size): {"outputs",
     "tokens_per_s", "latency_ms", "seconds", "calls", "inside_seconds"}}, medians over rounds."""
-    runs = [(label, b) for b in batch_sizes for label in SYSTEMS]
+    runs = [(label, b) for b in batch_sizes for label in systems]
     passes = {run: [] for run in runs}
     for r in range(rounds):
         turn = r * len(runs) // rounds
@@ -127,16 +131,17 @@ def measure(large, small, sources, batch_sizes: list[int], rounds: int) -> dict:
                              "tokens_per_s": statistics.median(tokens / sum(seconds) for _, seconds, _ in timed),
                              "latency_ms": 1000 * statistics.median(per_sentence),
                              "seconds": statistics.median(sum(seconds) for _, seconds, _ in timed),
+                             "round_seconds": [sum(seconds) for _, seconds, _ in timed],
                              "calls": calls, "inside_seconds": sum(entry["seconds"] for entry in calls.values())}
     return figures
 
 
-def format_calls(figures: dict, batch_sizes: list[int]) -> str:
+def format_calls(figures: dict, systems: list[str], batch_sizes: list[int]) -> str:
     """Where each pass's time goes: per model, its calls (how many, rows and tokens per call, ms per call), then the
     seconds outside the decoder calls (encoders, decisions, the loop)."""
     lines = ["system".ljust(14) + "batch".rjust(6) + "  large: calls  rows tok/call ms/call" +
              "  small: calls  rows tok/call ms/call" + "  outside s"]
-    for label in SYSTEMS:
+    for label in systems:
         for b in batch_sizes:
             entry = figures[label, b]
             cells = ""
@@ -157,37 +162,43 @@ def run(args):
     device = torch.device("cpu")
     large, small, tok = load_pair(args.large, args.small, device, DTYPES[args.dtype])
     sources, _ = read_sources(args.split, args.limit, tok, args.large)
-    figures = measure(large, small, sources, batch_sizes, args.rounds)
+    systems = [label for label in SYSTEMS if label in args.systems]
+    figures = measure(large, small, sources, batch_sizes, args.rounds, systems)
 
     print(f"{len(sources)} sources of {args.split}, {args.large} / {args.small} on {device_name(device)} "
           f"({args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}); median of {args.rounds} "
           "interleaved rounds")
     print("system".ljust(14) + "".join(f"{f'batch {b}: tok/s  ms/sent':>26}" for b in batch_sizes))
-    for label in SYSTEMS:
+    for label in systems:
         cells = [(figures[label, b]["tokens_per_s"], figures[label, b]["latency_ms"]) for b in batch_sizes]
         print(label.ljust(14) + "".join(f"{rate:>17.1f}{ms:>9.0f}" for rate, ms in cells))
     identical = {label: all(figures[label, b]["outputs"] == figures[label, batch_sizes[0]]["outputs"]
-                            for b in batch_sizes) for label in SYSTEMS}
+                            for b in batch_sizes) for label in systems}
     for label, same in identical.items():
         print(f"  {label}: outputs {'identical' if same else 'DIFFER'} across batch sizes {batch_sizes}")
     print("Where the time goes (ms per call and seconds outside the calls: medians over rounds):")
-    print(format_calls(figures, batch_sizes))
+    print(format_calls(figures, systems, batch_sizes))
     report = {"meta": {"split": args.split, "sentences": len(sources), "large": args.large, "small": args.small,
                        "dtype": args.dtype, "threads": torch.get_num_threads(), "rounds": args.rounds,
                        "device": device_name(device), "torch": torch.__version__,
-                       "python": platform.python_version()},
+                       "python": platform.python_version(), "systems": systems},
               "identical_across_batch_sizes": identical,
               "figures": {f"{label} @ {b}": {k: v for k, v in entry.items() if k != "outputs"}
                           for (label, b), entry in figures.items()}}
-    if len(batch_sizes) > 1 and batch_sizes[0] == 1:
+    if len(batch_sizes) > 1 and batch_sizes[0] == 1 and {"exact BiLD", "large greedy"} <= set(systems):
         b = batch_sizes[1]
         gain = {label: figures[label, b]["tokens_per_s"] / figures[label, 1]["tokens_per_s"]
                 for label in ("exact BiLD", "large greedy")}
         ratio = gain["exact BiLD"] / gain["large greedy"]
+        # The same ratio from each round's four passes alone: its spread shows how much the machine's drift moves it.
+        seconds = {(label, size): figures[label, size]["round_seconds"] for label in gain for size in (1, b)}
+        per_round = [seconds["exact BiLD", 1][r] / seconds["exact BiLD", b][r] /
+                     (seconds["large greedy", 1][r] / seconds["large greedy", b][r]) for r in range(args.rounds)]
         report["scaling"] = {"batch_size": b, "exact_bild_gain": gain["exact BiLD"],
-                             "large_greedy_gain": gain["large greedy"], "ratio": ratio}
+                             "large_greedy_gain": gain["large greedy"], "ratio": ratio, "ratio_per_round": per_round}
         print(f"batch {b} over batch 1: exact BiLD {gain['exact BiLD']:.2f}x, large greedy "
-              f"{gain['large greedy']:.2f}x; ratio {ratio:.2f} (target >= {TARGET})")
+              f"{gain['large greedy']:.2f}x; ratio {ratio:.2f} (target >= {TARGET}); each round alone: "
+              + " ".join(f"{x:.2f}" for x in per_round))
         # The same, counting only the seconds inside the decoder calls (no encoders, decisions or loop).
         inside_gain = {label: figures[label, 1]["inside_seconds"] / figures[label, b]["inside_seconds"]
                        for label in gain}

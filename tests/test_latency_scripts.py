@@ -2,6 +2,7 @@
 Pareto-front helpers on hand-computed examples."""
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
@@ -221,6 +222,13 @@ def test_bench_batch_end_to_end(pair, tmp_path, capsys):
             assert entry["calls"] < alone[name]["calls"]
             for per_call in ("rows_per_call", "tokens_per_call"):
                 assert entry["calls"] * entry[per_call] == pytest.approx(alone[name]["calls"] * alone[name][per_call])
+    rounds = {key: entry["round_seconds"] for key, entry in report["figures"].items()}
+    assert all(len(seconds) == 2 and report["figures"][key]["seconds"] == pytest.approx(statistics.median(seconds))
+               for key, seconds in rounds.items())
+    for r, ratio in enumerate(scaling["ratio_per_round"]):  # each round's four passes alone
+        gain = {system: rounds[f"{system} @ 1"][r] / rounds[f"{system} @ 4"][r]
+                for system in ("exact BiLD", "large greedy")}
+        assert ratio == pytest.approx(gain["exact BiLD"] / gain["large greedy"])
     inside = scaling["inside_calls"]
     assert inside["ratio"] == pytest.approx(inside["exact_bild_gain"] / inside["large_greedy_gain"])
     seconds = {b: sum(entry["seconds"] for entry in report["figures"][f"large greedy @ {b}"]["calls"].values())
@@ -229,6 +237,18 @@ def test_bench_batch_end_to_end(pair, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("identical across batch sizes [1, 4]") == 4 and "ratio" in printed
     assert "Where the time goes" in printed and "inside the decoder calls only" in printed
+
+
+def test_bench_batch_runs_only_the_systems_asked_for(pair, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_batch_main(["--split", str(pair / "dev.jsonl"), *models(pair), "--limit", "3", "--batch-sizes", "1",
+                             "2", "--rounds", "1", "--max-new-tokens", "6", "--systems", "speculative", "large greedy",
+                             "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["systems"] == ["large greedy", "speculative"]  # in the script's order
+    assert set(report["figures"]) == {f"{system} @ {b}" for system in ("large greedy", "speculative") for b in (1, 2)}
+    assert "scaling" not in report  # the ratio needs exact BiLD
+    assert "exact BiLD" not in capsys.readouterr().out
 
 
 def test_bench_batch_refuses_a_bad_batch_size(pair, capsys):
