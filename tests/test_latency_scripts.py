@@ -234,6 +234,13 @@ def test_bench_batch_end_to_end(pair, tmp_path, capsys):
     seconds = {b: sum(entry["seconds"] for entry in report["figures"][f"large greedy @ {b}"]["calls"].values())
                for b in (1, 4)}
     assert inside["large_greedy_gain"] == pytest.approx(seconds[1] / seconds[4])
+    bild = {b: report["figures"][f"exact BiLD @ {b}"]["calls"] for b in (1, 4)}
+    by_model = inside["exact_bild_gain_by_model"]
+    for name in ("large", "small"):
+        assert by_model[name] == pytest.approx(bild[1][name]["seconds"] / bild[4][name]["seconds"])
+    # The whole is the parts' harmonic mean, weighted by their shares of the batch-1 seconds.
+    share = {name: bild[1][name]["seconds"] / sum(entry["seconds"] for entry in bild[1].values()) for name in by_model}
+    assert inside["exact_bild_gain"] == pytest.approx(1 / sum(share[name] / by_model[name] for name in by_model))
     printed = capsys.readouterr().out
     assert printed.count("identical across batch sizes [1, 4]") == 4 and "ratio" in printed
     assert "Where the time goes" in printed and "inside the decoder calls only" in printed
