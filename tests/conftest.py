@@ -2,6 +2,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
 
@@ -18,9 +19,15 @@ try:
     from hypothesis.internal.conjecture import providers
     from hypothesis.internal.constants_ast import Constants
 
+    if not hasattr(providers, "_get_local_constants"):
+        raise ImportError("no providers._get_local_constants")
     providers._get_local_constants = Constants
-except ImportError:  # an older Hypothesis, which draws no local constants
-    pass
+except ImportError:
+    if hypothesis.version.__version_info__ >= (6, 131):  # a newer Hypothesis moved these private names: say so
+        raise ImportError(f"tests/conftest.py cannot stop Hypothesis {hypothesis.__version__} from drawing the "
+                          "project's own literals (its private providers._get_local_constants moved); install "
+                          "hypothesis<=6.155.2, the newest version tested, or update conftest.py") from None
+    # an older Hypothesis draws no local constants: nothing to do
 
 # scripts/ is not a package: put it on the path so tests can `import prepare_data` etc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
