@@ -124,14 +124,14 @@ def measure(large, small, sources, batch_sizes: list[int], rounds: int, systems:
         assert all(o == outputs for o, _, _ in timed), f"{label} at batch {b} decoded differently in two rounds"
         tokens = sum(map(len, outputs))
         per_sentence = [statistics.median(seconds[i // b] for _, seconds, _ in timed) for i in range(len(sources))]
+        round_seconds = [sum(seconds) for _, seconds, _ in timed]  # each round's pass
         calls = timed[0][2]  # the counts are the same in every round; the seconds are medians over rounds
         for name, entry in calls.items():
             entry["seconds"] = statistics.median(summary[name]["seconds"] for _, _, summary in timed)
         figures[label, b] = {"outputs": outputs,
-                             "tokens_per_s": statistics.median(tokens / sum(seconds) for _, seconds, _ in timed),
+                             "tokens_per_s": statistics.median(tokens / seconds for seconds in round_seconds),
                              "latency_ms": 1000 * statistics.median(per_sentence),
-                             "seconds": statistics.median(sum(seconds) for _, seconds, _ in timed),
-                             "round_seconds": [sum(seconds) for _, seconds, _ in timed],
+                             "seconds": statistics.median(round_seconds), "round_seconds": round_seconds,
                              "calls": calls, "inside_seconds": sum(entry["seconds"] for entry in calls.values())}
     return figures
 

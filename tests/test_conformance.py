@@ -1,11 +1,11 @@
 """The conformance suite (conformance/, minibild/conformance.py) and the trace diff (minibild/diff.py).
 
 The suite regenerates byte for byte (and, against the committed one, up to the last digits a CPU rounds its own
-way), covers every path (the writer refuses a suite that does not), and minibild passes every case. A port of the loop with one planted bug at a
-time (`port`) must fail the diff with the right classification on every case where it diverges, and diverge on
-at least one; the same port without a bug passes every case. A planted near-tie (an argmax, or a probability
-against its threshold) is numerics, not a bug. The
-Hugging Face copies of the suite's models give the expected logits in transformers.
+way), covers every path (the writer refuses a suite that does not), and minibild passes every case. A port of
+the loop with one planted bug at a time (`port`) must fail the diff with the right classification on every case
+where it diverges, and diverge on at least one; the same port without a bug passes every case. A planted near-tie
+(an argmax, or a probability against its threshold) is numerics, not a bug. The Hugging Face copies of the suite's
+models give the expected logits in transformers.
 """
 import json
 import math
