@@ -13,8 +13,11 @@ import argparse
 import copy
 import json
 import math
+import os
+import re
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,20 +237,51 @@ CASES = [
 
 
 def write(out, cases=CASES) -> Path:
-    """Write the suite to the folder `out` (replacing it): the pairs, then every case in both dtypes. Refuses
-    (ValueError) a suite that misses a path of PATHS or holds a case whose float32 and float64 decisions differ,
-    a decision closer than ROBUST to flipping, or a large-greedy case that is not large greedy."""
-    out = Path(out)
-    staging = out.with_name(out.name + ".partial")  # `out` is replaced only once the whole suite checks out
-    shutil.rmtree(staging, ignore_errors=True)
+    """Write the suite to the folder `out`: a new or empty folder, or a suite this function wrote, which is
+    replaced. Refuses (ValueError) any other folder or file, before writing anything, and a suite that misses a
+    path of PATHS or holds a case whose float32 and float64 decisions differ, a decision closer than ROBUST to
+    flipping, or a large-greedy case that is not large greedy; then nothing is left behind."""
+    out = Path(os.path.abspath(out))  # ".." resolved, links kept
+    check_destination(out)
+    # Written beside `out` under a fresh name (no existing folder is ever reused), which replaces `out` only once
+    # the whole suite checks out.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         _write(staging, cases)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging)
         raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    if out.exists():  # an empty folder or an old suite: moved aside, then removed once the new one is in place
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        out.rename(old / "suite")
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
     return out
+
+
+# Every file the writer writes, relative to the suite's folder: what makes a folder safe to replace.
+SUITE_FILES = re.compile(r"index\.json|models/[^/]+/[^/]+/(hf|minibild)/[^/]+|"
+                         r"cases/[^/]+/(case\.json|(trace|logits)\.[^/]+\.jsonl)")
+
+
+def check_destination(out: Path):
+    """Refuse (ValueError) a destination `write` must not replace: anything but a missing folder, an empty one,
+    or a suite (an index.json beside files the writer writes, and nothing else)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: name a new folder, an empty one, or a suite to replace")
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise ValueError(f"{out} is the current folder or holds it; name the suite's folder itself, e.g. conformance")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    files = [path.relative_to(out).as_posix() for path in sorted(out.rglob("*"))
+             if path.is_symlink() or not path.is_dir()]  # a link is never the writer's, even to a folder
+    foreign = [name for name in files if not SUITE_FILES.fullmatch(name)]
+    if "index.json" not in files or foreign:
+        why = f"it holds {foreign[0]}" if foreign else "it has no index.json"
+        raise ValueError(f"{out} is not empty and not a conformance suite ({why}): name a new or empty folder, or "
+                         f"remove {out} yourself if it may go")
 
 
 def _write(root: Path, cases: list[Case]):
@@ -324,12 +358,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minibild.conformance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    commands.add_parser("write", help="write the suite to OUT (replacing it)").add_argument("out", type=Path)
+    commands.add_parser("write", help="write the suite to OUT: a new or empty folder, or a suite to replace").add_argument("out", type=Path)
     commands.add_parser("search", help="list candidate cases on one pair").add_argument("pair", choices=list(PAIRS))
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # float32 results can depend on how many threads split a matmul
     if args.command == "write":
-        write(args.out)
+        try:
+            write(args.out)
+        except (ValueError, OSError) as e:
+            print(f"python -m minibild.conformance write: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}: {len(CASES)} cases covering {len(PATHS)} paths")
     else:
         search(args.pair)

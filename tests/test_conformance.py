@@ -9,6 +9,7 @@ models give the expected logits in transformers.
 """
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from minibild import bild
 from minibild.bild import decide_large, ended, propose, verify
 from minibild.conformance import CASES, PAIRS, PATHS, load_pair, run_case, write
+from minibild.conformance import main as conformance_main
 from minibild.diff import TOLERANCE, Settings, diff, first_difference, main
 from minibild.early_exit import EarlyExit
 from minibild.trace import trace_from_jsonl, trace_to_jsonl
@@ -85,6 +87,32 @@ def test_the_writer_refuses_an_incomplete_suite(tmp_path):
     with pytest.raises(ValueError, match="no case covers these paths: fallback, "):
         write(tmp_path / "suite", CASES[:1])
     assert list(tmp_path.iterdir()) == []  # neither the suite nor its staging folder
+
+
+def test_the_writer_replaces_only_a_suite_or_an_empty_folder(tmp_path, monkeypatch, capsys):
+    """A suite is replaced and an empty folder filled; a file, a folder holding anything the writer does not write,
+    and the current folder are refused in one line (exit 2), before anything is written or removed."""
+    shutil.copytree(SUITE, tmp_path / "suite")
+    (tmp_path / "suite" / "cases" / "v1.1-bild" / "case.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for folder in ("suite", "empty"):
+        assert conformance_main(["write", str(tmp_path / folder)]) == 0
+        assert (tmp_path / folder / "cases" / "v1.1-bild" / "case.json").read_text() == \
+            (SUITE / "cases" / "v1.1-bild" / "case.json").read_text()
+    (tmp_path / "suite" / "cases" / "notes.txt").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "index.json").write_text("{}")
+    (tmp_path / "file").write_text("mine")
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path / "work")
+    capsys.readouterr()
+    for out, words in (("../suite", "it holds cases/notes.txt"), ("../file", "is a file"),
+                       (".", "the current folder"), ("..", "the current folder")):
+        assert conformance_main(["write", out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing removed, no staging folder
+    assert (tmp_path / "suite" / "cases" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
