@@ -37,26 +37,46 @@ TOP = 5  # logits kept per position fed
 # A case is robust when every decision it makes stands more than this many nats from flipping: each argmax by its
 # top-1/top-2 margin, each fallback decision by |log p - log alpha_FB|, each rejection by |CE - alpha_RB|.
 ROBUST = 0.05
+# A case's output is varied when it holds at least VARIED tokens, VARIED - 1 of them distinct: a constant or short
+# output would pass a port whose decoder ignores positions (all keys alike, or distances 0 and 1 only).
+VARIED = 4
 
 # The tiny pairs. Weights are drawn in float32 from the seed and stored in float32; float64 runs upcast them.
 TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
             relative_attention_max_distance=16, dropout_rate=0.0)
 PAIRS = {
     # t5 v1.0: relu, LM head tied to the embedding; the small model is the large one plus noise (it agrees often).
-    "v1.0": dict(large=dict(seed=1, ends_like=30), small=dict(noise_of="large", seed=2), config=dict(
-        feed_forward_proj="relu", tie_word_embeddings=True)),
+    "v1.0": dict(large=dict(seed=11, ends_like=22, position_bias=4.0), small=dict(noise_of="large", seed=2),
+                 config=dict(feed_forward_proj="relu", tie_word_embeddings=True)),
     # t5 v1.1: gated-gelu, its own LM head; the small model is narrower, shallower and independent (it disagrees).
-    "v1.1": dict(large=dict(seed=3), small=dict(seed=4, ends_like=46, d_model=16, num_layers=1),
+    "v1.1": dict(large=dict(seed=3, position_bias=4.0),
+                 small=dict(seed=4, ends_like=46, position_bias=4.0, d_model=16, num_layers=1),
                  config=dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    # v1.1's large model with a small model that is certain of one token: the LM head's row of token 31 is scaled by
+    # CERTAIN, so wherever that token's logit is positive it wins by tens of nats, with probability exactly 1.0.
+    "v1.1-certain": dict(large="v1.1", small=dict(seed=4, ends_like=46, certain=31, position_bias=4.0, d_model=16,
+                                                   num_layers=1),
+                         config=dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     # Early exit: the small model is the large model's first decoder layer, on one shared cache.
-    "early-exit": dict(large=dict(seed=5, ends_like=63, num_decoder_layers=3), exit_layer=1,
+    "early-exit": dict(large=dict(seed=11, ends_like=48, position_bias=4.0, num_decoder_layers=3), exit_layer=1,
                        config=dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
 }
+# Every decoder's relative position bias is drawn large (position_bias) so that outputs depend on position: a port
+# that computes the decoder's buckets as if bidirectional, or drops the bias, fails every case.
+CERTAIN = 1000.0
+# A probability of exactly 1.0 is the one value a fallback threshold can equal in every implementation and dtype:
+# when the top logit leads each of the other 63 by more than EXACT_ONE nats, their probabilities sum below 1e-18,
+# under half of float64's epsilon, so the top probability rounds to 1.0 however softmax is computed. The tie case's
+# fallback threshold is 1.0, and the writer accepts a probability equal to it only with such a lead.
+EXACT_ONE = 45.0
 
 
-def tiny_t5(seed: int, ends_like: int | None = None, **config) -> T5:
+def tiny_t5(seed: int, ends_like: int | None = None, position_bias: float | None = None, certain: int | None = None,
+            **config) -> T5:
     """A random float32 T5 with confident, input-dependent outputs. With `ends_like`, EOS wins wherever that token
-    would, so outputs end at varied lengths (most random models rarely pick EOS by themselves)."""
+    would, so outputs end at varied lengths (most random models rarely pick EOS by themselves). With
+    `position_bias`, the decoder's relative position bias is drawn with that standard deviation, last. With
+    `certain`, that token's LM-head row is scaled by CERTAIN."""
     torch.manual_seed(seed)
     model = T5(T5Config(**(TINY | config)))
     with torch.no_grad():
@@ -69,12 +89,19 @@ def tiny_t5(seed: int, ends_like: int | None = None, **config) -> T5:
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight
         if ends_like is not None:
             head[model.config.eos_token_id] = 1.05 * head[ends_like]
+        if certain is not None:
+            head[certain] *= CERTAIN
+        if position_bias is not None:
+            model.decoder.relative_bias.weight.normal_(0, position_bias)
     return model.eval()
 
 
 def build_pair(name: str) -> dict[str, T5]:
-    """The pair's models in float32: {"large": T5, "small": T5}, or {"large": T5} for the early-exit pair."""
+    """The pair's models in float32: {"large": T5, "small": T5}, or {"large": T5} for the early-exit pair. A pair
+    whose `large` names another pair decodes with that pair's large model."""
     spec = PAIRS[name]
+    if isinstance(spec["large"], str):
+        return {"large": build_pair(spec["large"])["large"], "small": tiny_t5(**spec["small"], **spec["config"])}
     models = {"large": tiny_t5(**spec["large"], **spec["config"])}
     small = spec.get("small")
     if small is not None and small.get("noise_of"):
@@ -104,12 +131,19 @@ class Case:
                     max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens)
 
 
+def model_folders(pair: str) -> tuple[str, str | None]:
+    """The folders of the pair's large and small models, relative to the suite; the small one None for early exit."""
+    large = PAIRS[pair]["large"]
+    return (f"models/{large if isinstance(large, str) else pair}/large",
+            None if PAIRS[pair].get("exit_layer") else f"models/{pair}/small")
+
+
 def load_pair(root: Path, pair: str, dtype) -> tuple:
     """(large, small) of a written pair in dtype, the small one an EarlyExit for the early-exit pair."""
-    large = load(root / "models" / pair / "large" / "minibild", dtype=dtype)
+    large_folder, small_folder = model_folders(pair)
+    large = load(root / large_folder / "minibild", dtype=dtype)
     exit_layer = PAIRS[pair].get("exit_layer")
-    small = EarlyExit(large, exit_layer) if exit_layer else load(root / "models" / pair / "small" / "minibild",
-                                                                  dtype=dtype)
+    small = EarlyExit(large, exit_layer) if exit_layer else load(root / small_folder / "minibild", dtype=dtype)
     return large, small
 
 
@@ -158,6 +192,8 @@ def case_paths(case: Case, result: bild.BiLDResult, eos: int) -> list[str]:
     for step in result.trace:
         if step.model == "small":
             seen.add({"fallback": "fallback", "handover": "handover at N"}.get(step.decision, ""))
+            if step.prob == case.fallback_threshold:
+                seen.add("probability equal to the fallback threshold: kept")
             if step.decision == "end" and step.token != eos:
                 seen.add("cap reached in a small phase")
             continue
@@ -190,19 +226,26 @@ def case_paths(case: Case, result: bild.BiLDResult, eos: int) -> list[str]:
     return sorted(seen)
 
 
-PATHS = ["fallback", "handover at N", "EOS among pending tokens, accepted", "cap reached in a small phase",
+PATHS = ["fallback", "probability equal to the fallback threshold: kept", "handover at N", "EOS among pending tokens, accepted", "cap reached in a small phase",
          "rollback at the first of several pending tokens", "rollback at the last of several pending tokens",
          "all pending accepted, then the large model's token", "EOS tail rejected",
          "first high-CE token agrees, a later one is rejected", "ends at EOS", "ends at the cap", "N = 1",
          "rollback 0 (large greedy)", "fallback > 1 (large greedy)", "speculative decoding (fallback 0, rollback 0)"]
 
 
+def varied(tokens: list[int]) -> bool:
+    """The output is long and mixed enough to depend on decoder positions (see VARIED)."""
+    return len(tokens) >= VARIED and len(set(tokens)) >= VARIED - 1
+
+
 def closest_call(case: Case, result: bild.BiLDResult, records: list[dict]) -> float:
     """The smallest distance in nats at which one of the case's decisions would flip (see ROBUST)."""
     # Only the last position of a small call decides anything; every position of a large call does.
     distances = [min(r["margin"]) if r["model"] == "large" else r["margin"][-1] for r in records]
-    for step in result.trace:
+    for step, record in zip(result.trace, records):
         if step.model == "small":
+            if step.prob == case.fallback_threshold == 1.0 and record["margin"][-1] > EXACT_ONE:
+                continue  # an exact tie in any implementation: kept, since only prob < threshold falls back
             if case.fallback_threshold > 0 and step.prob > 0:
                 distances.append(abs(math.log(step.prob) - math.log(case.fallback_threshold)))
         else:
@@ -211,28 +254,29 @@ def closest_call(case: Case, result: bild.BiLDResult, records: list[dict]) -> fl
     return min(distances)
 
 
-# Picked from `search`'s lists: per pair, the case covering the most paths not yet covered (then the widest margin),
-# until the pair's reachable paths were covered; then a few with longer outputs or mixed fallbacks by hand.
-# case_paths recomputes what each covers; the writer checks that together they cover PATHS.
+# Picked from `search`'s lists: per pair, the cases covering the most paths not yet covered (then the most varied
+# output, then the widest margin), until the pair's reachable paths were covered; then one case per kind of setting
+# (speculative, N = 1, large greedy, BiLD) where that pair had none. case_paths recomputes what each covers; the
+# writer checks that together they cover PATHS.
 CASES = [
-    Case("v1.0-speculative", "v1.0", [3, 19, 13, 31, 9, 60, 43, 1], 0.0, 0.0, 3, 6),
-    Case("v1.0-rollback-0-n-1", "v1.0", [13, 20, 28, 39, 7, 29, 15, 4, 1], 0.7, 0.0, 1, 6),
-    Case("v1.0-accept-to-cap", "v1.0", [13, 20, 28, 39, 7, 29, 15, 4, 1], 0.0, 5.0, 3, 6),
-    Case("v1.0-fallback-above-1", "v1.0", [13, 20, 28, 39, 7, 29, 15, 4, 1], 1.5, 2.0, 1, 12),
-    Case("v1.0-eos-accepted", "v1.0", [3, 19, 13, 31, 9, 60, 43, 1], 0.0, 5.0, 3, 6),
-    Case("v1.1-speculative", "v1.1", [58, 29, 38, 1], 0.0, 0.0, 3, 12),
-    Case("v1.1-rollback-0-n-1", "v1.1", [3, 19, 13, 31, 9, 60, 43, 1], 1.5, 0.0, 1, 6),
-    Case("v1.1-fallback-above-1", "v1.1", [22, 57, 53, 44, 20, 15, 1], 1.5, 0.5, 1, 6),
-    Case("v1.1-accept-n-1", "v1.1", [58, 29, 38, 1], 0.0, 5.0, 1, 6),
-    Case("v1.1-bild", "v1.1", [3, 19, 13, 31, 9, 60, 43, 1], 0.4, 5.0, 3, 12),
-    Case("v1.1-official-rule", "v1.1", [63, 17, 16, 29, 25, 1], 0.4, 0.5, 3, 12),
+    Case("v1.0-speculative", "v1.0", [63, 17, 16, 29, 25, 1], 0.0, 0.0, 3, 12),
+    Case("v1.0-rollback-0-n-1", "v1.0", [63, 17, 16, 29, 25, 1], 0.4, 0.0, 1, 12),
+    Case("v1.0-fallback-above-1", "v1.0", [58, 29, 38, 1], 1.5, 2.0, 1, 12),
+    Case("v1.0-eos-accepted", "v1.0", [3, 19, 13, 31, 9, 60, 43, 1], 0.0, 5.0, 1, 12),
+    Case("v1.0-eos-tail-rejected", "v1.0", [22, 57, 53, 44, 20, 15, 1], 0.0, 2.0, 3, 12),
+    Case("v1.0-bild", "v1.0", [58, 29, 38, 1], 0.4, 5.0, 5, 12),
+    Case("v1.1-speculative", "v1.1", [10, 41, 20, 61, 1], 0.0, 0.0, 3, 6),
+    Case("v1.1-rollback-0-n-1", "v1.1", [3, 19, 13, 31, 9, 60, 43, 1], 0.4, 0.0, 1, 12),
+    Case("v1.1-fallback-above-1", "v1.1", [58, 29, 38, 1], 1.5, 0.5, 1, 12),
+    Case("v1.1-accept-n-1", "v1.1", [18, 57, 10, 48, 34, 1], 0.0, 5.0, 1, 12),
+    Case("v1.1-bild", "v1.1", [18, 57, 10, 48, 34, 1], 0.4, 5.0, 3, 12),
+    Case("v1.1-certain-fallback-tie", "v1.1-certain", [10, 41, 20, 61, 1], 1.0, 5.0, 1, 12),
     Case("early-exit-speculative", "early-exit", [22, 57, 53, 44, 20, 15, 1], 0.0, 0.0, 3, 6),
-    Case("early-exit-rollback-0-n-1", "early-exit", [58, 29, 38, 1], 1.5, 0.0, 1, 6),
-    Case("early-exit-speculative-n-1", "early-exit", [63, 17, 16, 29, 25, 1], 0.0, 0.0, 1, 6),
+    Case("early-exit-speculative-n-1", "early-exit", [58, 29, 38, 1], 0.0, 0.0, 1, 12),
+    Case("early-exit-rollback-0-n-1", "early-exit", [59, 59, 19, 17, 1], 0.7, 0.0, 1, 12),
     Case("early-exit-fallback-above-1", "early-exit", [18, 57, 10, 48, 34, 1], 1.5, 5.0, 1, 12),
-    Case("early-exit-fallback-n-1", "early-exit", [58, 29, 38, 1], 0.7, 2.0, 1, 6),
-    Case("early-exit-official-rule", "early-exit", [58, 29, 38, 1], 0.0, 0.0, 3, 6),
-    Case("early-exit-bild", "early-exit", [58, 29, 38, 1], 0.0, 2.0, 3, 6),
+    Case("early-exit-first-high-ce-agrees", "early-exit", [10, 41, 20, 61, 1], 0.0, 0.0, 5, 12),
+    Case("early-exit-bild", "early-exit", [59, 59, 19, 17, 1], 0.7, 5.0, 5, 12),
 ]
 
 
@@ -287,6 +331,8 @@ def check_destination(out: Path):
 def _write(root: Path, cases: list[Case]):
     for pair in PAIRS:
         for name, model in build_pair(pair).items():
+            if name == "large" and isinstance(PAIRS[pair]["large"], str):
+                continue  # another pair's, written there
             save(model, root / "models" / pair / name / "minibild")
             save_hf(model, root / "models" / pair / name / "hf")
     covered = {path: [] for path in PATHS}
@@ -298,9 +344,9 @@ def _write(root: Path, cases: list[Case]):
         paths = case_paths(case, runs["float64"][0], config.eos_token_id)
         for path in paths:
             covered[path].append(case.name)
-        exit_layer = PAIRS[case.pair].get("exit_layer")
-        meta = {"name": case.name, "pair": case.pair, "large": f"models/{case.pair}/large",
-                "small": None if exit_layer else f"models/{case.pair}/small", "exit_layer": exit_layer,
+        large_folder, small_folder = model_folders(case.pair)
+        meta = {"name": case.name, "pair": case.pair, "large": large_folder, "small": small_folder,
+                "exit_layer": PAIRS[case.pair].get("exit_layer"),
                 "input_ids": case.input_ids, "settings": case.settings, "eos_token_id": config.eos_token_id,
                 "decoder_start_token_id": config.decoder_start_token_id,
                 "paths": paths, "tokens": {dtype: result.tokens for dtype, (result, _) in runs.items()}}
@@ -326,13 +372,16 @@ def _check_case(case: Case, large64: T5, runs: dict):
         if closest < ROBUST:
             raise ValueError(f"case {case.name}: in {dtype} a decision is {closest:.3g} nats from flipping, less "
                              f"than {ROBUST}; pick a robust case")
+    if not varied(r64.tokens):
+        raise ValueError(f"case {case.name}: its output {r64.tokens} is not varied (at least {VARIED} tokens, "
+                         f"{VARIED - 1} of them distinct); pick another case")
     if case.rollback_threshold == 0 or case.fallback_threshold > 1:  # BiLD's exactness: large greedy
         if r64.tokens != greedy(large64, torch.tensor([case.input_ids]), case.max_new_tokens)[0]:
             raise ValueError(f"case {case.name}: rollback 0 or fallback > 1 must give the large model's greedy output")
 
 
 SEARCH_SETTINGS = [dict(fallback_threshold=fb, rollback_threshold=rb, max_small_steps=n, max_new_tokens=cap)
-                   for fb in (0.0, 0.4, 0.7, 1.5) for rb in (0.0, 0.5, 2.0, 5.0) for n in (1, 3, 5) for cap in (6, 12)]
+                   for fb in (0.0, 0.4, 0.7, 1.0, 1.5) for rb in (0.0, 0.5, 2.0, 5.0) for n in (1, 3, 5) for cap in (6, 12)]
 
 
 def search(pair: str, sources: int = 8):
@@ -349,9 +398,9 @@ def search(pair: str, sources: int = 8):
             case = Case("?", pair, ids, **settings)
             result, records = run_case(large, small, case)
             margin = closest_call(case, result, records)
-            if margin >= ROBUST:
+            if margin >= ROBUST and varied(result.tokens):
                 paths = case_paths(case, result, large.config.eos_token_id)
-                print(f"{pair} {ids} {settings} margin {margin:.3f} | {' | '.join(paths)}")
+                print(f"{pair} {ids} {settings} margin {margin:.3f} -> {result.tokens} | {' | '.join(paths)}")
 
 
 def main(argv=None) -> int:

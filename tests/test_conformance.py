@@ -7,6 +7,7 @@ where it diverges, and diverge on at least one; the same port without a bug pass
 (an argmax, or a probability against its threshold) is numerics, not a bug. The Hugging Face copies of the suite's
 models give the expected logits in transformers.
 """
+import dataclasses
 import json
 import math
 import shutil
@@ -16,12 +17,13 @@ import pytest
 import torch
 
 from minibild import bild
-from minibild.bild import decide_large, ended, propose, verify
-from minibild.conformance import CASES, PAIRS, PATHS, load_pair, run_case, write
+from minibild.bild import decide_large, decide_small, ended, propose, verify
+from minibild.conformance import CASES, EXACT_ONE, PAIRS, PATHS, load_pair, run_case, write
 from minibild.conformance import main as conformance_main
 from minibild.diff import TOLERANCE, Settings, diff, first_difference, main
 from minibild.early_exit import EarlyExit
-from minibild.trace import trace_from_jsonl, trace_to_jsonl
+from minibild.model import relative_position_bucket
+from minibild.trace import SmallStep, trace_from_jsonl, trace_to_jsonl
 
 SUITE = Path(__file__).resolve().parents[1] / "conformance"
 # Another CPU's BLAS may round the last digits differently: the suite was written on an AMD EPYC, and on an Intel
@@ -181,6 +183,14 @@ def official_rule(y, verified, start, fed, argmax, cross_entropy, rollback_thres
     return decide_large(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens)
 
 
+def fallback_at_the_threshold(y, verified, start, fed, token, prob, fallback_threshold, max_small_steps, eos,
+                              max_new_tokens):
+    """`prob <= threshold` falls back, where minibild's comparison is strict."""
+    if prob == fallback_threshold:
+        return SmallStep(start, fed, token, prob, "fallback")
+    return decide_small(y, verified, start, fed, token, prob, fallback_threshold, max_small_steps, eos, max_new_tokens)
+
+
 def append_after_eos(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens):
     step = decide_large(y, verified, start, fed, argmax, cross_entropy, rollback_threshold, eos, max_new_tokens)
     if step.appended is None and y[-1] == eos:
@@ -189,23 +199,24 @@ def append_after_eos(y, verified, start, fed, argmax, cross_entropy, rollback_th
     return step
 
 
-# bug -> (its classification, words its reason must hold, the decide_large it plants, if any)
+# bug -> (its classification, words its reason must hold, the rule it plants in bild, if any)
 BUGS = {
-    "crop off by one": ("cache", "skips position", None),
-    "small cache not cropped": ("cache", "skips position", None),
-    "EOS tail unverified": ("policy", "tail left unverified", None),
-    "official rule": ("policy", "official rule", official_rule),
-    "fallback token kept": ("policy", "fallback token kept", None),
-    "token appended after EOS": ("policy", "appended after EOS", append_after_eos),
-    "large model again after a rollback": ("policy", "ran again right after its rollback", None),
+    "crop off by one": ("cache", "skips position", {}),
+    "small cache not cropped": ("cache", "skips position", {}),
+    "EOS tail unverified": ("policy", "tail left unverified", {}),
+    "official rule": ("policy", "official rule", {"decide_large": official_rule}),
+    "fallback token kept": ("policy", "fallback token kept", {}),
+    "fallback at the threshold": ("policy", "not below the threshold", {"decide_small": fallback_at_the_threshold}),
+    "token appended after EOS": ("policy", "appended after EOS", {"decide_large": append_after_eos}),
+    "large model again after a rollback": ("policy", "ran again right after its rollback", {}),
 }
 
 
 @pytest.mark.parametrize("bug", [None, *BUGS])
 def test_planted_bugs_are_caught_and_classified(bug, monkeypatch):
-    kind, reason, decide = BUGS.get(bug, (None, None, None))
-    if decide:
-        monkeypatch.setattr(bild, "decide_large", decide)
+    kind, reason, rules = BUGS.get(bug, (None, None, {}))
+    for name, rule in rules.items():
+        monkeypatch.setattr(bild, name, rule)
     caught = []
     for case in CASES:
         trace, logits, settings = expected(case)
@@ -215,6 +226,36 @@ def test_planted_bugs_are_caught_and_classified(bug, monkeypatch):
             assert (report.finding.kind, reason in report.finding.why) == (kind, True), f"{case.name}:\n{report}"
             caught.append(case.name)
     assert bool(caught) == (bug is not None), caught
+
+
+def test_decoder_buckets_computed_as_bidirectional_fail_every_case(monkeypatch):
+    """A port that buckets the decoder's relative positions as the encoder's (bidirectional, half the buckets each
+    way) sees the same bias at distances 0 and 1 only: every case decodes far enough, with outputs that depend on
+    position, to show it as a model error."""
+    monkeypatch.setattr("minibild.model.relative_position_bucket", lambda relative, bidirectional, buckets, distance:
+                        relative_position_bucket(relative, True, buckets, distance))
+    for case in CASES:
+        trace, logits, settings = expected(case)
+        result, _ = run_case(*load_pair(SUITE, case.pair, torch.float64), case)
+        report = diff(trace, result.trace, settings, logits, TOLERANCE["float64"])
+        assert not report.equivalent and report.finding.kind == "model", f"{case.name}:\n{report}"
+
+
+def test_the_tie_case_meets_its_fallback_threshold_exactly():
+    """The tie case's threshold is 1.0 and some small call gives probability exactly 1.0 in both dtypes, with a lead
+    of more than EXACT_ONE nats (so any softmax rounds it to 1.0): kept, since only prob < threshold falls back."""
+    case = next(case for case in CASES if case.fallback_threshold == 1.0)
+    for dtype in ("float64", "float32"):
+        trace, logits, _ = expected(case, dtype)
+        ties = [(step, record) for step, record in zip(trace, logits) if step.model == "small" and step.prob == 1.0]
+        assert ties and all(step.decision != "fallback" and record["margin"][-1] > EXACT_ONE
+                            for step, record in ties), (dtype, ties)
+
+
+def test_the_writer_refuses_an_output_that_is_not_varied(tmp_path):
+    with pytest.raises(ValueError, match=r"v1.0-speculative: its output \[45, 45, 25\] is not varied"):
+        write(tmp_path / "suite", [dataclasses.replace(CASES[0], max_new_tokens=3)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def perturbed_run(monkeypatch, case, model: str, call: int, change) -> list:
