@@ -196,6 +196,8 @@ def case_paths(case: Case, result: bild.BiLDResult, eos: int) -> list[str]:
                 seen.add("probability equal to the fallback threshold: kept")
             if step.decision == "end" and step.token != eos:
                 seen.add("cap reached in a small phase")
+            if step.decision == "handover" and (step.token == eos or step.start + len(step.fed) == case.max_new_tokens):
+                seen.add("handover at N, the token also EOS or at the cap")
             continue
         pending = step.fed[1:]
         if step.decision == "rollback":
@@ -226,7 +228,8 @@ def case_paths(case: Case, result: bild.BiLDResult, eos: int) -> list[str]:
     return sorted(seen)
 
 
-PATHS = ["fallback", "probability equal to the fallback threshold: kept", "handover at N", "EOS among pending tokens, accepted", "cap reached in a small phase",
+PATHS = ["fallback", "probability equal to the fallback threshold: kept", "handover at N",
+         "handover at N, the token also EOS or at the cap", "EOS among pending tokens, accepted", "cap reached in a small phase",
          "rollback at the first of several pending tokens", "rollback at the last of several pending tokens",
          "all pending accepted, then the large model's token", "EOS tail rejected",
          "first high-CE token agrees, a later one is rejected", "ends at EOS", "ends at the cap", "N = 1",
