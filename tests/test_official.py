@@ -88,9 +88,9 @@ def test_reproduces_the_official_code_on_the_conformance_cases():
     assert len(records) == 11
     wrong = {}
     for record in records:
-        case = json.loads((ROOT / "conformance" / "cases" / record["case"] / "case.json").read_text())
+        case = json.loads((RECORDS / "conformance" / "cases" / record["case"] / "case.json").read_text())
         assert case["settings"] == settings_of(record), record["case"]
-        large, small = load_pair(ROOT / "conformance", case["pair"], torch.float32)
+        large, small = load_pair(RECORDS / "conformance", case["pair"], torch.float32)
         result = official.generate(large, small, torch.tensor([case["input_ids"]]), **case["settings"])
         if (why := mismatch(result, record)) is not None:
             wrong[record["case"]] = why
@@ -238,8 +238,8 @@ def test_threshold_zero_means_zero():
     """Unlike the official constructor (`rollback_threshold or 5.0`), a rollback threshold of 0 is 0: on the
     recorded conformance case speculative decoding on v1.1 (both thresholds 0), 0 rolls back where 5 does not."""
     record = next(r for r in read("conformance") if r["case"] == "v1.1-speculative")
-    case = json.loads((ROOT / "conformance" / "cases" / record["case"] / "case.json").read_text())
-    large, small = load_pair(ROOT / "conformance", case["pair"], torch.float32)
+    case = json.loads((RECORDS / "conformance" / "cases" / record["case"] / "case.json").read_text())
+    large, small = load_pair(RECORDS / "conformance", case["pair"], torch.float32)
     src = torch.tensor([case["input_ids"]])
     at_zero = official.generate(large, small, src, **case["settings"])
     at_default = official.generate(large, small, src, **(case["settings"] | {"rollback_threshold": 5.0}))
