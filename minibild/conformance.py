@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import bild
+from . import bild, official
 from .config import T5Config
 from .diff import decisions
 from .early_exit import EarlyExit
@@ -124,6 +124,7 @@ class Case:
     rollback_threshold: float
     max_small_steps: int
     max_new_tokens: int
+    rule: str = "minibild"  # the policy whose trace is expected: a key of RULES
 
     @property
     def settings(self) -> dict:
@@ -170,11 +171,15 @@ def recording_logits(*models):
             del model.decode
 
 
+# The policies a case can expect: minibild's (docs/BILD.md) or the official implementation's (minibild/official.py).
+RULES = {"minibild": bild.generate, "official": official.generate}
+
+
 def run_case(large, small, case: Case) -> tuple[bild.BiLDResult, list[dict]]:
-    """bild.generate on the case, and one logits record per model call (see logits_record)."""
+    """The case's rule on the case, and one logits record per model call (see logits_record)."""
     decoding_large = small.shared_large if isinstance(small, EarlyExit) else large
     with recording_logits(decoding_large, small) as calls:
-        result = bild.generate(large, small, torch.tensor([case.input_ids]), **case.settings)
+        result = RULES[case.rule](large, small, torch.tensor([case.input_ids]), **case.settings)
     return result, [logits_record(step, logits) for step, logits in zip(result.trace, calls)]
 
 
@@ -187,7 +192,9 @@ def logits_record(step, logits) -> dict:
 
 
 def case_paths(case: Case, result: bild.BiLDResult, eos: int) -> list[str]:
-    """The paths of the policy this case goes through, by the names PATHS lists."""
+    """The paths of the policy this case goes through, by the names PATHS (or OFFICIAL_PATHS) lists."""
+    if case.rule == "official":
+        return official_paths(case, result, eos)
     seen = set()
     for step in result.trace:
         if step.model == "small":
@@ -241,6 +248,38 @@ def varied(tokens: list[int]) -> bool:
     return len(tokens) >= VARIED and len(set(tokens)) >= VARIED - 1
 
 
+OFFICIAL_PATHS = ["official D1: the first token above the rollback threshold agrees, a later rejected one is kept",
+                  "official D2: stops at the small model's EOS, unverified",
+                  "official D2c: stops at the cap in a small phase, unverified",
+                  "official D3: the large model runs again after a rollback",
+                  "official EOS defect: a token appended after a rollback's EOS",
+                  "official re-feed: a small phase feeds a fallen-back position again"]
+
+
+def official_paths(case: Case, result: bild.BiLDResult, eos: int) -> list[str]:
+    """Where the official implementation's differences (minibild/official.py) act in an official-rule case, by the
+    names OFFICIAL_PATHS lists."""
+    seen, fallbacks, trace = set(), set(), result.trace
+    for k, step in enumerate(trace):
+        previous = trace[k - 1] if k else None
+        if step.model == "small":
+            if previous is not None and previous.model == "large" and step.start in fallbacks:
+                seen.add(OFFICIAL_PATHS[5])
+            if step.decision == "fallback":
+                fallbacks.add(step.start)
+            continue
+        if previous is not None and previous.model == "large" and previous.decision == "rollback":
+            seen.add(OFFICIAL_PATHS[3])
+            if previous.appended == eos and step.appended is not None:
+                seen.add(OFFICIAL_PATHS[4])
+        pending, high = step.fed[1:], [i for i, ce in enumerate(step.cross_entropy) if ce > case.rollback_threshold]
+        if high and pending[high[0]] == step.argmax[high[0]] and any(pending[i] != step.argmax[i] for i in high):
+            seen.add(OFFICIAL_PATHS[0])
+    if trace[-1].model == "small":
+        seen.add(OFFICIAL_PATHS[1] if trace[-1].token == eos else OFFICIAL_PATHS[2])
+    return [path for path in OFFICIAL_PATHS if path in seen]
+
+
 def closest_call(case: Case, result: bild.BiLDResult, records: list[dict]) -> float:
     """The smallest distance in nats at which one of the case's decisions would flip (see ROBUST)."""
     # Only the last position of a small call decides anything; every position of a large call does.
@@ -251,9 +290,10 @@ def closest_call(case: Case, result: bild.BiLDResult, records: list[dict]) -> fl
                 continue  # an exact tie in any implementation: kept, since only prob < threshold falls back
             if case.fallback_threshold > 0 and step.prob > 0:
                 distances.append(abs(math.log(step.prob) - math.log(case.fallback_threshold)))
-        else:
+        else:  # the official rule (D1) also examines a token equal to the large argmax
             distances += [abs(ce - case.rollback_threshold) for ce, token, argmax
-                          in zip(step.cross_entropy, step.fed[1:], step.argmax) if token != argmax]
+                          in zip(step.cross_entropy, step.fed[1:], step.argmax)
+                          if token != argmax or case.rule == "official"]
     return min(distances)
 
 
@@ -280,6 +320,14 @@ CASES = [
     Case("early-exit-fallback-above-1", "early-exit", [18, 57, 10, 48, 34, 1], 1.5, 5.0, 1, 12),
     Case("early-exit-first-high-ce-agrees", "early-exit", [10, 41, 20, 61, 1], 0.0, 0.0, 5, 12),
     Case("early-exit-bild", "early-exit", [59, 59, 19, 17, 1], 0.7, 5.0, 5, 12),
+    # The official implementation's rule (minibild/official.py; it has no early-exit small model): three cases
+    # that repeat a minibild case's source and settings, whose outputs the two rules make differ, and two more for
+    # its EOS defect. Together they cover OFFICIAL_PATHS.
+    Case("v1.0-speculative-official", "v1.0", [63, 17, 16, 29, 25, 1], 0.0, 0.0, 3, 12, rule="official"),
+    Case("v1.0-eos-defect-official", "v1.0", [58, 29, 38, 1], 0.4, 2.0, 3, 12, rule="official"),
+    Case("v1.1-speculative-official", "v1.1", [10, 41, 20, 61, 1], 0.0, 0.0, 3, 6, rule="official"),
+    Case("v1.1-bild-official", "v1.1", [18, 57, 10, 48, 34, 1], 0.4, 5.0, 3, 12, rule="official"),
+    Case("v1.1-eos-defect-official", "v1.1", [63, 17, 16, 29, 25, 1], 0.7, 2.0, 1, 12, rule="official"),
 ]
 
 
@@ -338,7 +386,7 @@ def _write(root: Path, cases: list[Case]):
                 continue  # another pair's, written there
             save(model, root / "models" / pair / name / "minibild")
             save_hf(model, root / "models" / pair / name / "hf")
-    covered = {path: [] for path in PATHS}
+    covered = {path: [] for path in PATHS + OFFICIAL_PATHS}
     for case in cases:
         models = {dtype: load_pair(root, case.pair, DTYPES[dtype]) for dtype in DTYPES}  # (large, small) each
         runs = {dtype: run_case(*models[dtype], case) for dtype in DTYPES}
@@ -348,7 +396,7 @@ def _write(root: Path, cases: list[Case]):
         for path in paths:
             covered[path].append(case.name)
         large_folder, small_folder = model_folders(case.pair)
-        meta = {"name": case.name, "pair": case.pair, "large": large_folder, "small": small_folder,
+        meta = {"name": case.name, "pair": case.pair, "rule": case.rule, "large": large_folder, "small": small_folder,
                 "exit_layer": PAIRS[case.pair].get("exit_layer"),
                 "input_ids": case.input_ids, "settings": case.settings, "eos_token_id": config.eos_token_id,
                 "decoder_start_token_id": config.decoder_start_token_id,
@@ -378,7 +426,7 @@ def _check_case(case: Case, large64: T5, runs: dict):
     if not varied(r64.tokens):
         raise ValueError(f"case {case.name}: its output {r64.tokens} is not varied (at least {VARIED} tokens, "
                          f"{VARIED - 1} of them distinct); pick another case")
-    if case.rollback_threshold == 0 or case.fallback_threshold > 1:  # BiLD's exactness: large greedy
+    if case.rule == "minibild" and (case.rollback_threshold == 0 or case.fallback_threshold > 1):  # large greedy
         if r64.tokens != greedy(large64, torch.tensor([case.input_ids]), case.max_new_tokens)[0]:
             raise ValueError(f"case {case.name}: rollback 0 or fallback > 1 must give the large model's greedy output")
 
@@ -387,7 +435,7 @@ SEARCH_SETTINGS = [dict(fallback_threshold=fb, rollback_threshold=rb, max_small_
                    for fb in (0.0, 0.4, 0.7, 1.0, 1.5) for rb in (0.0, 0.5, 2.0, 5.0) for n in (1, 3, 5) for cap in (6, 12)]
 
 
-def search(pair: str, sources: int = 8):
+def search(pair: str, rule: str = "minibild", sources: int = 8):
     """Print, for random sources and a grid of settings, each robust candidate case and the paths it covers: the
     suite's CASES were picked from this list."""
     models = {name: m.double() for name, m in build_pair(pair).items()}
@@ -398,7 +446,7 @@ def search(pair: str, sources: int = 8):
         ids = torch.randint(2, TINY["vocab_size"], (int(torch.randint(3, 9, (), generator=generator)),),
                             generator=generator).tolist() + [large.config.eos_token_id]
         for settings in SEARCH_SETTINGS:
-            case = Case("?", pair, ids, **settings)
+            case = Case("?", pair, ids, **settings, rule=rule)
             result, records = run_case(large, small, case)
             margin = closest_call(case, result, records)
             if margin >= ROBUST and varied(result.tokens):
@@ -411,7 +459,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     commands.add_parser("write", help="write the suite to OUT: a new or empty folder, or a suite to replace").add_argument("out", type=Path)
-    commands.add_parser("search", help="list candidate cases on one pair").add_argument("pair", choices=list(PAIRS))
+    searching = commands.add_parser("search", help="list candidate cases on one pair")
+    searching.add_argument("pair", choices=list(PAIRS))
+    searching.add_argument("--rule", choices=list(RULES), default="minibild", help="the policy the cases expect")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # float32 results can depend on how many threads split a matmul
     if args.command == "write":
@@ -420,9 +470,9 @@ def main(argv=None) -> int:
         except (ValueError, OSError) as e:
             print(f"python -m minibild.conformance write: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {args.out}: {len(CASES)} cases covering {len(PATHS)} paths")
+        print(f"wrote {args.out}: {len(CASES)} cases covering {len(PATHS) + len(OFFICIAL_PATHS)} paths")
     else:
-        search(args.pair)
+        search(args.pair, args.rule)
     return 0
 
 
