@@ -5,9 +5,10 @@ or an optimized variant can prove it decodes like minibild, or learn where it do
     python -m minibild.conformance search v1.1            # list candidate cases and the paths each one covers
 
 The suite (docs/CONFORMANCE.md has every field): models/PAIR/{large,small}/{minibild,hf}, and per case
-cases/NAME/case.json (input ids, settings, expected tokens, the paths it covers), trace.DTYPE.jsonl (bild's trace)
-and logits.DTYPE.jsonl (per model call, the top logits and the top-1/top-2 margin at each position fed), for
-DTYPE float64 and float32. The writer refuses to write a suite that misses a path or holds a fragile case.
+cases/NAME/case.json (input ids, settings, the rule, expected tokens, the paths it covers), trace.DTYPE.jsonl
+(the trace of the case's rule: bild.generate's, or official.generate's for an official-rule case) and
+logits.DTYPE.jsonl (per model call, the top logits and the top-1/top-2 margin at each position fed), for DTYPE
+float64 and float32. The writer refuses to write a suite that misses a path or holds a fragile or uniform case.
 """
 import argparse
 import copy
