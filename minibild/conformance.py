@@ -31,6 +31,7 @@ from .diff import decisions
 from .early_exit import EarlyExit
 from .generate import greedy
 from .model import T5
+from .trace import trace_to_jsonl
 from .weights import load, save, save_hf
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -367,6 +368,8 @@ def check_destination(out: Path):
     or a suite (an index.json beside files the writer writes, and nothing else)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder: name a new folder, an empty one, or a suite to replace")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a folder: create it first, or name a folder in an existing one")
     if out == Path.cwd() or out in Path.cwd().parents:
         raise ValueError(f"{out} is the current folder or holds it; name the suite's folder itself, e.g. conformance")
     if not out.exists() or not any(out.iterdir()):
@@ -406,7 +409,7 @@ def _write(root: Path, cases: list[Case]):
         folder.mkdir(parents=True)
         (folder / "case.json").write_text(json.dumps(meta, indent=1) + "\n")
         for dtype, (result, records) in runs.items():
-            (folder / f"trace.{dtype}.jsonl").write_text(bild.trace_to_jsonl(result.trace))
+            (folder / f"trace.{dtype}.jsonl").write_text(trace_to_jsonl(result.trace))
             (folder / f"logits.{dtype}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     missing = [path for path, names in covered.items() if not names]
     if missing:

@@ -118,7 +118,8 @@ def test_the_writer_replaces_only_a_suite_or_an_empty_folder(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path / "work")
     capsys.readouterr()
     for out, words in (("../suite", "it holds cases/notes.txt"), ("../file", "is a file"),
-                       (".", "the current folder"), ("..", "the current folder")):
+                       (".", "the current folder"), ("..", "the current folder"),
+                       ("../none/suite", "none is not a folder")):
         assert conformance_main(["write", out]) == 2, out
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
