@@ -38,7 +38,8 @@ def parse_args(argv):
                    help="use the large model's first K decoder layers as the small model (early exit), not --small")
     p.add_argument("--mode", choices=MODES, default="bild",
                    help="bild: BiLD; large/small: greedy with one model; speculative: greedy speculative "
-                        "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0)")
+                        "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0); official: the "
+                        "official BiLD implementation's rule (minibild/official.py)")
     p.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD,
                    help="alpha_FB (default %(default)s)")
     p.add_argument("--rollback-threshold", type=float,
@@ -138,6 +139,9 @@ def run(args) -> int:
         raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
     if mode.temperature and args.batch_size > 1:
         raise UsageError("--temperature > 0 samples one input at a time; use --batch-size 1")
+    if mode.name == "official" and (args.batch_size > 1 or early_exit):
+        raise UsageError("--mode official decodes one input at a time with a separate small model, as the official "
+                         "implementation does; use --batch-size 1 and no --exit-layer")
     if early_exit and args.batch_size > 1:
         raise UsageError("--exit-layer is batch-1 only (the early-exit model shares one cache with the large "
                          "model); use --batch-size 1")

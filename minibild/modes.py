@@ -1,16 +1,16 @@
-"""The four ways minibild decodes, greedy or sampled at a temperature, behind one call (one source, or a batch):
-used by the CLI and the scripts alike."""
+"""The ways minibild decodes, greedy or sampled at a temperature, behind one call (one source, or a batch): used by
+the CLI and the scripts alike. `official` is the official BiLD implementation's rule (minibild/official.py)."""
 from dataclasses import dataclass
 
 import torch
 
-from . import bild
+from . import bild, official
 from .batch import generate_batch, right_pad
 from .generate import greedy
 from .model import T5
 from .sampling import bild_sample, check_temperature, sample
 
-MODES = ("bild", "large", "small", "speculative")
+MODES = ("bild", "large", "small", "speculative", "official")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class Mode:
                             self.max_new_tokens)
         if self.temperature != 0:
             check_temperature(self.temperature, "greedy decoding")
+        if self.name == "official" and self.temperature != 0:
+            raise ValueError("mode official decodes greedily, as the official implementation does: use temperature 0")
 
     @property
     def label(self) -> str:
@@ -41,8 +43,8 @@ class Mode:
             settings = {"bild": f"fb={self.fallback_threshold:g},N={self.max_small_steps},",
                         "speculative": f"k={self.max_small_steps},"}.get(self.name, "")
             return f"{self.name}-sample({settings}T={self.temperature:g})"
-        if self.name == "bild":
-            return f"bild(fb={self.fallback_threshold:g},rb={self.rollback_threshold:g},N={self.max_small_steps})"
+        if self.name in ("bild", "official"):
+            return f"{self.name}(fb={self.fallback_threshold:g},rb={self.rollback_threshold:g},N={self.max_small_steps})"
         return f"speculative(k={self.max_small_steps})" if self.name == "speculative" else self.name
 
     def decode(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:
@@ -55,9 +57,10 @@ class Mode:
             result = bild.speculative(large, small, input_ids, k=self.max_small_steps,
                                       max_new_tokens=self.max_new_tokens)
         else:
-            result = bild.generate(large, small, input_ids, fallback_threshold=self.fallback_threshold,
-                                   rollback_threshold=self.rollback_threshold,
-                                   max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens)
+            rule = official.generate if self.name == "official" else bild.generate
+            result = rule(large, small, input_ids, fallback_threshold=self.fallback_threshold,
+                          rollback_threshold=self.rollback_threshold, max_small_steps=self.max_small_steps,
+                          max_new_tokens=self.max_new_tokens)
         return result.tokens, result
 
     def _sample(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:
@@ -77,6 +80,9 @@ class Mode:
         (minibild.greedy) or batched BiLD (batch.generate_batch). Sampling decodes one source at a time."""
         if self.temperature:
             raise ValueError("sampling (temperature > 0) decodes one source at a time: use batch size 1")
+        if self.name == "official":
+            raise ValueError("mode official decodes one source at a time (minibild.official is batch-1 code): use "
+                             "batch size 1")
         if self.name in ("large", "small"):
             model = large if self.name == "large" else small
             return [(tokens, None) for tokens in greedy(model, input_ids, self.max_new_tokens, attention_mask)]
@@ -84,8 +90,8 @@ class Mode:
         fallback, rollback = (0.0, 0.0) if self.name == "speculative" else (self.fallback_threshold,
                                                                               self.rollback_threshold)
         results = generate_batch(large, small, input_ids, attention_mask, fallback_threshold=fallback,
-                                      rollback_threshold=rollback, max_small_steps=self.max_small_steps,
-                                      max_new_tokens=self.max_new_tokens)
+                                 rollback_threshold=rollback, max_small_steps=self.max_small_steps,
+                                 max_new_tokens=self.max_new_tokens)
         return [(result.tokens, result) for result in results]
 
     def decode_batches(self, large: T5 | None, small: T5 | None, sources: list[list[int]], batch_size: int,

@@ -16,9 +16,8 @@ with these differences, each named again in a comment where it acts below:
 - The re-feed (wasted work, same output): a small call that falls back is discarded with its cache entries, so
   the next small phase feeds those positions again. The trace shows it: that call's `fed` starts where the
   fallen-back call started, one step per decoder call as the official code calls.
-- Thresholds: the official constructor reads `fallback_threshold or 0.6` and `rollback_threshold or 5.0`, so a 0
-  silently becomes the default (rollback 0, exactly the large model's greedy output, cannot be asked for). That is
-  a trap of its API, not part of its policy: here 0 means 0.
+- Thresholds: here 0 means 0. The official constructor reads `fallback_threshold or 0.6` and `rollback_threshold
+  or 5.0`, so there a 0 silently becomes the default: a trap of its API, not part of its policy.
 
 The trace holds ordinary SmallStep and LargeStep records (trace.py), one per decoder call, in call order, with
 bild.generate's labels. Where the official loop's decision has no label of its own, the closest one is used:
@@ -30,7 +29,13 @@ bild.generate's labels. Where the official loop's decision has no label of its o
   EOS too (the EOS defect);
 - a large call where D1 keeps a token above the threshold because the argmax equals it is "accept".
 The counts (BiLDStats) are read off the trace as for bild.generate: large_calls and small_calls equal the official
-model's forward calls; a rollback's rejected tokens, and the accepted ones it re-feeds, count as in bild.
+model's forward calls, and large_tokens counts the tokens the large model appended. The sums in BiLDStats' docstring
+do not all hold here: an unverified tail (D2, D2c) is in the output but in no large step, and D3's call accepts
+again the tokens a rollback kept, and the correction, so accepted_small_tokens counts those twice. The small
+model's share of the output is len(tokens) - large_tokens.
+
+The official code as a library has traps this module does not reproduce (docs/BILD.md lists them): its
+constructor's `or` defaults turn a threshold of 0 into 0.6 or 5.0, and without .eval() it never rolls back.
 """
 import math
 

@@ -7,8 +7,11 @@ greedy, BiLD, speculative decoding, and transformers' own decoding on the same w
     python scripts/evaluate.py --device cuda --dtype float32 float16 bfloat16 --warmup 3 --json latency.json
     python scripts/evaluate.py --synthetic 100 --source-length 40 --systems large bild:0.6,5
     python scripts/evaluate.py --limit 100 --systems sample bild-sample:0.6 bild-sample:0,5 --temperature 0.7
+    python scripts/evaluate.py --limit 100 --threads 1 --systems bild:0.4,1 official:0.4,1
 
-Systems: `large`, `small`, `speculative:K`, `bild:FALLBACK,ROLLBACK[,N]` (minibild), and with --hf-large (and
+Systems: `large`, `small`, `speculative:K`, `bild:FALLBACK,ROLLBACK[,N]` (minibild), `official:FALLBACK,ROLLBACK[,N]`
+(the official BiLD implementation's rule, minibild/official.py; its row's "= bild" is the share of sources where it
+outputs what bild at the same settings outputs, when that system runs too), and with --hf-large (and
 --hf-small) `hf-greedy` and `hf-assisted`: transformers' generate(), greedy and with the small model as assistant
 (transformers' default assistant settings), on the Hugging Face folders the minibild files were converted from.
 Sampled at --temperature, each source with a generator seeded with --seed: `sample` (the large model's ancestral
@@ -20,14 +23,16 @@ Every source is decoded by every system --repeats times at batch 1, the order ro
 --warmup untimed rounds on the first source, so that drift in the machine's speed hits all systems alike; on CUDA
 each call is synchronized. Latency is the median over repeats; a system's speedup is large greedy's total latency
 over its own, on the same sources in the same run. With references in the split: BLEU and chrF (sacrebleu).
-For BiLD: fallbacks and rollbacks per sentence, tokens per large-model call, the small model's share of the output,
-and the large model's share of wall time (a stopwatch around its encode / new_cache / decode calls here; minibild's
-own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, speculative, hf-greedy,
-hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
+For BiLD: fallbacks and rollbacks per sentence, large-model calls per sentence, tokens per large-model call, the
+small model's positions fed per sentence (the official rule feeds a fallen-back call's positions again), the small
+model's share of the output, and the large model's share of wall time (a stopwatch around its encode / new_cache / decode calls here; minibild's
+own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, official with fallback > 1,
+speculative, hf-greedy, hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
 
 With --batch-size B, minibild's systems decode B sources at a time (batched greedy, batch.generate_batch), each
 batch one timed call, and every source's latency is its batch's; the large model's share of wall time is not
-measured then. transformers' systems and --exit-layer are batch-1 only here.
+measured then. transformers' systems, official and --exit-layer are batch-1 only here; official has no early-exit
+small model.
 
 Not offered: torch.compile and CUDA graphs. Each decoder call sees a new cache length, and BiLD's large calls a new
 number of tokens, so compiled graphs would be rebuilt or made dynamic call after call, and at batch 1 the Python
@@ -62,7 +67,7 @@ HF_SYSTEMS = ("hf-greedy", "hf-assisted")
 
 
 def parse_system(spec: str, max_new_tokens: int, temperature: float | None = None, seed: int = 0) -> Mode:
-    """'large' | 'small' | 'speculative:K' | 'bild:FALLBACK,ROLLBACK[,N]' -> Mode; with a temperature, also
+    """'large' | 'small' | 'speculative:K' | '(bild|official):FALLBACK,ROLLBACK[,N]' -> Mode; with a temperature, also
     'sample' | 'bild-sample:FALLBACK[,N]'."""
     name, _, params = spec.partition(":")
     try:
@@ -79,7 +84,7 @@ def parse_system(spec: str, max_new_tokens: int, temperature: float | None = Non
                         temperature=temperature, seed=seed)
         if name == "speculative":
             return Mode(name, max_small_steps=int(params or 5), max_new_tokens=max_new_tokens)
-        if name == "bild":
+        if name in ("bild", "official"):
             values = params.split(",")
             if len(values) not in (2, 3):
                 raise ValueError
@@ -88,7 +93,8 @@ def parse_system(spec: str, max_new_tokens: int, temperature: float | None = Non
     except ValueError:
         pass
     sampled = ", sample, bild-sample:FALLBACK[,N]" if temperature is not None else ""
-    raise UsageError(f"bad system {spec!r}; use large, small, speculative:K, bild:FALLBACK,ROLLBACK[,N]{sampled}")
+    raise UsageError(f"bad system {spec!r}; use large, small, speculative:K, bild:FALLBACK,ROLLBACK[,N], "
+                     f"official:FALLBACK,ROLLBACK[,N]{sampled}")
 
 
 def is_sampled(spec: str) -> bool:
@@ -96,9 +102,12 @@ def is_sampled(spec: str) -> bool:
 
 
 def is_exact(mode: Mode) -> bool:
-    """Whether the mode must reproduce large greedy's tokens (up to floating point); a sampled one never does."""
-    return not mode.temperature and (mode.name == "speculative" or (
-        mode.name == "bild" and (mode.rollback_threshold == 0 or mode.fallback_threshold > 1)))
+    """Whether the mode must reproduce large greedy's tokens (up to floating point); a sampled one never does. The
+    official rule is not exact at rollback 0: past a pending token it keeps (D1), it examines none."""
+    if mode.temperature:
+        return False
+    return (mode.name == "speculative" or (mode.name in ("bild", "official") and mode.fallback_threshold > 1)
+            or (mode.name == "bild" and mode.rollback_threshold == 0))
 
 
 # --- the sources and the models --------------------------------------------------------------------------
@@ -311,8 +320,12 @@ def summarize(run: dict, baseline: dict | None) -> dict:
         s = [result.stats for result in run["results"]]
         entry["fallbacks_per_sentence"] = statistics.mean(x.fallbacks for x in s)
         entry["rollbacks_per_sentence"] = statistics.mean(x.rollbacks for x in s)
+        entry["large_calls_per_sentence"] = statistics.mean(x.large_calls for x in s)
+        entry["small_fed_per_sentence"] = statistics.mean(
+            sum(len(step.fed) for step in result.trace if step.model == "small") for result in run["results"])
         entry["tokens_per_large_call"] = sum(map(len, outputs)) / sum(x.large_calls for x in s)
-        entry["small_token_share"] = sum(x.small_tokens for x in s) / sum(map(len, outputs))
+        # Every token the large model did not append is the small model's, the official rule's unverified tail too.
+        entry["small_token_share"] = 1 - sum(x.large_tokens for x in s) / sum(map(len, outputs))
     return entry
 
 
@@ -349,6 +362,9 @@ def evaluate(systems: dict[str, System], sources: list[list[int]], device, refer
         system = systems[label]
         if system.timer and batch_size == 1:
             entry["large_share"] = system.timer.seconds / run["total_seconds"]
+        bild_label = label.replace("official(", "bild(", 1)  # the same settings under minibild's rule
+        if label.startswith("official(") and bild_label in runs:
+            entry["same_as_bild"] = statistics.mean(a == b for a, b in zip(run["tokens"], runs[bild_label]["tokens"]))
         if system.exact and "large" in runs and label != "large":
             entry["differs_from_large"] = [i for i, (a, b) in enumerate(zip(run["tokens"], runs["large"]["tokens"]))
                                            if a != b]
@@ -359,8 +375,10 @@ def evaluate(systems: dict[str, System], sources: list[list[int]], device, refer
 COLUMNS = [("bleu", "BLEU", ".2f"), ("chrf", "chrF", ".2f"), ("mean_output_tokens", "tokens", ".1f"),
            ("median_ms", "median ms", ".1f"), ("speedup", "speedup", ".2f"),
            ("median_speedup", "median speedup", ".2f"), ("same_as_large", "= large", ".1%"),
-           ("fallbacks_per_sentence", "fallbacks/sent", ".2f"), ("rollbacks_per_sentence", "rollbacks/sent", ".2f"),
-           ("tokens_per_large_call", "tokens/large call", ".2f"), ("small_token_share", "small share", ".1%"),
+           ("same_as_bild", "= bild", ".1%"), ("fallbacks_per_sentence", "fallbacks/sent", ".2f"),
+           ("rollbacks_per_sentence", "rollbacks/sent", ".2f"), ("large_calls_per_sentence", "large calls/sent", ".2f"),
+           ("small_fed_per_sentence", "small fed/sent", ".1f"), ("tokens_per_large_call", "tokens/large call", ".2f"),
+           ("small_token_share", "small share", ".1%"),
            ("large_share", "large share", ".1%")]
 
 
@@ -519,6 +537,9 @@ def run(args):
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size > 1 and any(map(is_sampled, specs)):
         raise UsageError("--batch-size > 1: sample and bild-sample decode one source at a time; use --batch-size 1")
+    if any(s.startswith("official:") for s in specs) and (args.batch_size > 1 or args.exit_layer):
+        raise UsageError("official decodes one source at a time with a separate small model, as the official "
+                         "implementation does; use --batch-size 1 and no --exit-layer")
     if args.batch_size > 1 and (args.exit_layer or any(s in HF_SYSTEMS for s in specs)):
         raise UsageError("--batch-size > 1 is for minibild's systems with a separate small model: hf-greedy, "
                          "hf-assisted and --exit-layer decode one source at a time; use --batch-size 1")

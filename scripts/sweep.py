@@ -4,7 +4,8 @@
     python scripts/sweep.py --fallback 0.5 0.7 0.9 --rollback 1 3 --n 5 10 --metric rougeL --split xsum.jsonl
 
 Every source is decoded by large greedy, small greedy, speculative decoding (k draft tokens) and BiLD at
-every grid point, interleaved as in scripts/evaluate.py, so that each point's quality (BLEU, or ROUGE-L for
+every grid point (with --rules bild official, under minibild's rule and the official implementation's rule,
+minibild/official.py), interleaved as in scripts/evaluate.py, so that each point's quality (BLEU, or ROUGE-L for
 summaries) sits against its speedup over large greedy measured in the same run. Writes OUT.json and, when
 matplotlib is installed, OUT.png (quality against speedup, like the paper's figures); prints the table, the
 Pareto front (no point is both better and faster) and the fastest point within 1 point of large greedy's
@@ -36,6 +37,7 @@ from minibild.weights import load_tokenizer
 
 DEFAULT_FALLBACK = [0.3, 0.5, 0.7, 0.9]
 DEFAULT_ROLLBACK = [1.0, 2.0, 3.0, 5.0, 8.0]
+RULES = ("bild", "official")  # the grid's policies: minibild's (bild.py) and the official implementation's
 
 
 def lcs_length(a: list, b: list) -> int:
@@ -71,9 +73,9 @@ def point(variant: str, mode: Mode, entry: dict, metric: str) -> dict:
     """One system of the sweep as a point: its label, variant, settings, quality and speedup."""
     p = {"label": labelled(variant, mode), "variant": variant, "system": mode.name, "quality": entry[metric],
          "speedup": entry["speedup"]}
-    if mode.name == "bild":
+    if mode.name in RULES:
         p.update(fallback_threshold=mode.fallback_threshold, rollback_threshold=mode.rollback_threshold)
-    if mode.name in ("bild", "speculative"):
+    if mode.name in RULES + ("speculative",):
         p["max_small_steps"] = mode.max_small_steps
     return p
 
@@ -101,12 +103,15 @@ def plot(points: list[dict], front: list[dict], best: dict | None, metric: str, 
     variants = list(dict.fromkeys(p["variant"] for p in points if p["system"] != "large"))
     for variant, color in zip(variants, plt.get_cmap("tab10").colors):
         name = f"{variant}: " if variant else ""
-        grid = [p for p in points if p["variant"] == variant and p["system"] == "bild"]
-        ax.scatter([p["speedup"] for p in grid], [p["quality"] for p in grid], color=color, s=30, zorder=3,
-                   label=f"{name}BiLD (numbers: fallback, rollback threshold)")
-        for p in grid:
-            ax.annotate(f"{p['fallback_threshold']:g},{p['rollback_threshold']:g}", (p["speedup"], p["quality"]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for rule, marker in zip(RULES, ("o", "x")):
+            grid = [p for p in points if p["variant"] == variant and p["system"] == rule]
+            if not grid:
+                continue
+            ax.scatter([p["speedup"] for p in grid], [p["quality"] for p in grid], color=color, s=30, zorder=3,
+                       marker=marker, label=f"{name}{rule} (numbers: fallback, rollback threshold)")
+            for p in grid:
+                ax.annotate(f"{p['fallback_threshold']:g},{p['rollback_threshold']:g}", (p["speedup"], p["quality"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
         for system, marker in (("small", "s"), ("speculative", "^")):
             for p in (p for p in points if p["variant"] == variant and p["system"] == system):
                 ax.scatter(p["speedup"], p["quality"], marker=marker, color=color, s=80, zorder=4, label=p["label"])
@@ -149,6 +154,9 @@ def parse_args(argv):
     p.add_argument("--rollback", nargs="+", type=float, default=DEFAULT_ROLLBACK, help="rollback thresholds")
     p.add_argument("--n", nargs="+", type=int, default=[bild.MAX_SMALL_STEPS], help="max small steps N")
     p.add_argument("--k", type=int, default=5, help="draft tokens of the speculative decoding baseline")
+    p.add_argument("--rules", nargs="+", choices=RULES, default=["bild"],
+                   help="the policies that run the grid: bild (minibild's) and/or official (the official "
+                        "implementation's rule); default bild")
     p.add_argument("--metric", choices=sorted(METRICS), default="bleu", help="rougeL when references are summaries")
     p.add_argument("--out", default="runs/sweep", help="writes OUT.json and OUT.png")
     p.add_argument("--variant", action="append", metavar="NAME=SMALL",
@@ -166,8 +174,11 @@ def run(args):
             raise UsageError(f"--{name} thresholds must be finite and >= 0, got {values}")
     if min(args.n + [args.k]) < 1:
         raise UsageError(f"--n and --k must be >= 1, got --n {args.n} --k {args.k}")
-    grid = [Mode("bild", fb, rb, n, args.max_new_tokens)
-            for n, rb, fb in product(args.n, args.rollback, args.fallback)]
+    early_exit = args.exit_layer or any(k for _, _, k in map(parse_variant, args.variant or []))
+    if "official" in args.rules and early_exit:
+        raise UsageError("--rules official: the official implementation has no early-exit small model")
+    grid = [Mode(rule, fb, rb, n, args.max_new_tokens)
+            for rule, n, rb, fb in product(dict.fromkeys(args.rules), args.n, args.rollback, args.fallback)]
     modes = [parse_system(s, args.max_new_tokens) for s in ("small", f"speculative:{args.k}")]
     modes += list({m.label: m for m in grid}.values())  # a repeated grid value runs once
     variants = [parse_variant(v) for v in args.variant or []]
