@@ -462,7 +462,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minibild.conformance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    commands.add_parser("write", help="write the suite to OUT: a new or empty folder, or a suite to replace").add_argument("out", type=Path)
+    writing = commands.add_parser("write", help="write the suite to OUT: a new or empty folder, or a suite to replace")
+    writing.add_argument("out", type=Path)
     searching = commands.add_parser("search", help="list candidate cases on one pair")
     searching.add_argument("pair", choices=list(PAIRS))
     searching.add_argument("--rule", choices=list(RULES), default="minibild", help="the policy the cases expect")
@@ -475,6 +476,8 @@ def main(argv=None) -> int:
             print(f"python -m minibild.conformance write: {e}", file=sys.stderr)
             return 2
         print(f"wrote {args.out}: {len(CASES)} cases covering {len(PATHS) + len(OFFICIAL_PATHS)} paths")
+    elif args.rule == "official" and PAIRS[args.pair].get("exit_layer"):
+        p.error(f"the official rule has no early-exit small model: search another pair than {args.pair}")
     else:
         search(args.pair, args.rule)
     return 0

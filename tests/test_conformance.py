@@ -310,6 +310,12 @@ def test_the_tie_case_meets_its_fallback_threshold_exactly():
                             for step, record in ties), (dtype, ties)
 
 
+def test_search_refuses_the_official_rule_on_early_exit(capsys):
+    with pytest.raises(SystemExit) as exit:
+        conformance_main(["search", "early-exit", "--rule", "official"])
+    assert exit.value.code == 2 and "no early-exit small model" in capsys.readouterr().err
+
+
 def test_the_writer_refuses_an_output_that_is_not_varied(tmp_path):
     with pytest.raises(ValueError, match=r"v1.0-speculative: its output \[45, 45, 25\] is not varied"):
         write(tmp_path / "suite", [dataclasses.replace(CASES[0], max_new_tokens=3)])
