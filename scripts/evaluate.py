@@ -325,7 +325,7 @@ def summarize(run: dict, baseline: dict | None) -> dict:
             sum(len(step.fed) for step in result.trace if step.model == "small") for result in run["results"])
         entry["tokens_per_large_call"] = sum(map(len, outputs)) / sum(x.large_calls for x in s)
         # Every token the large model did not append is the small model's, the official rule's unverified tail too.
-        entry["small_token_share"] = 1 - sum(x.large_tokens for x in s) / sum(map(len, outputs))
+        entry["small_token_share"] = sum(len(o) - x.large_tokens for o, x in zip(outputs, s)) / sum(map(len, outputs))
     return entry
 
 
