@@ -25,9 +25,10 @@ each call is synchronized. Latency is the median over repeats; a system's speedu
 over its own, on the same sources in the same run. With references in the split: BLEU and chrF (sacrebleu).
 For BiLD: fallbacks and rollbacks per sentence, large-model calls per sentence, tokens per large-model call, the
 small model's positions fed per sentence (the official rule feeds a fallen-back call's positions again), the small
-model's share of the output, and the large model's share of wall time (a stopwatch around its encode / new_cache / decode calls here; minibild's
-own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, official with fallback > 1,
-speculative, hf-greedy, hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
+model's share of the output, and the large model's share of wall time (a stopwatch around its encode / new_cache /
+decode calls here; minibild's own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1,
+official with fallback > 1, speculative, hf-greedy, hf-assisted) are checked token for token against large greedy.
+Several --dtype values are separate runs.
 
 With --batch-size B, minibild's systems decode B sources at a time (batched greedy, batch.generate_batch), each
 batch one timed call, and every source's latency is its batch's; the large model's share of wall time is not
