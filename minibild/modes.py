@@ -44,7 +44,8 @@ class Mode:
                         "speculative": f"k={self.max_small_steps},"}.get(self.name, "")
             return f"{self.name}-sample({settings}T={self.temperature:g})"
         if self.name in ("bild", "official"):
-            return f"{self.name}(fb={self.fallback_threshold:g},rb={self.rollback_threshold:g},N={self.max_small_steps})"
+            settings = f"fb={self.fallback_threshold:g},rb={self.rollback_threshold:g},N={self.max_small_steps}"
+            return f"{self.name}({settings})"
         return f"speculative(k={self.max_small_steps})" if self.name == "speculative" else self.name
 
     def decode(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:

@@ -66,7 +66,8 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float, roll
     while True:
         # Large phase: one call over every token the large cache lacks; its pending tokens are all but the first.
         start, fed, logits = feed(large, large_cache, y)
-        numbers = verify(list(y), start + 1, start, fed, logits, math.inf, None, max_new_tokens)  # on a copy of y
+        # bild.verify on a copy of y, for the call's numbers (argmax, cross-entropies); decide_large decides.
+        numbers = verify(list(y), start + 1, start, fed, logits, math.inf, None, max_new_tokens)
         step = decide_large(y, start, fed, numbers.argmax, numbers.cross_entropy, rollback_threshold, max_new_tokens)
         trace.append(step)
         if step.decision == "rollback":
@@ -84,6 +85,7 @@ def generate(large: T5, small: T5, input_ids, *, fallback_threshold: float, roll
         # Small phase, one call per token.
         while True:
             start, fed, logits = feed(small, small_cache, y)
+            # bild.propose on a copy of y, for the small model's argmax and its probability; decide_small decides.
             proposal = propose(list(y), verified, start, fed, logits, 0.0, max_small_steps, eos, max_new_tokens)
             step = decide_small(y, verified, start, fed, proposal.token, proposal.prob, fallback_threshold,
                                 max_small_steps, eos, max_new_tokens)

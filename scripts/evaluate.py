@@ -25,9 +25,10 @@ each call is synchronized. Latency is the median over repeats; a system's speedu
 over its own, on the same sources in the same run. With references in the split: BLEU and chrF (sacrebleu).
 For BiLD: fallbacks and rollbacks per sentence, large-model calls per sentence, tokens per large-model call, the
 small model's positions fed per sentence (the official rule feeds a fallen-back call's positions again), the small
-model's share of the output, and the large model's share of wall time (a stopwatch around its encode / new_cache / decode calls here; minibild's
-own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, official with fallback > 1,
-speculative, hf-greedy, hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
+model's share of the output, and the large model's share of wall time (a stopwatch around its encode / new_cache /
+decode calls here; minibild's own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1,
+official with fallback > 1, speculative, hf-greedy, hf-assisted) are checked token for token against large greedy.
+Several --dtype values are separate runs.
 
 With --batch-size B, minibild's systems decode B sources at a time (batched greedy, batch.generate_batch), each
 batch one timed call, and every source's latency is its batch's; the large model's share of wall time is not
@@ -325,7 +326,7 @@ def summarize(run: dict, baseline: dict | None) -> dict:
             sum(len(step.fed) for step in result.trace if step.model == "small") for result in run["results"])
         entry["tokens_per_large_call"] = sum(map(len, outputs)) / sum(x.large_calls for x in s)
         # Every token the large model did not append is the small model's, the official rule's unverified tail too.
-        entry["small_token_share"] = 1 - sum(x.large_tokens for x in s) / sum(map(len, outputs))
+        entry["small_token_share"] = sum(len(o) - x.large_tokens for o, x in zip(outputs, s)) / sum(map(len, outputs))
     return entry
 
 

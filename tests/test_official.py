@@ -289,8 +289,8 @@ def test_the_cli_refuses_what_mode_official_cannot_do(capsys, args, message):
 
 def test_evaluate_runs_the_official_rule_beside_bild(tmp_path, capsys):
     """`official:F,R` in scripts/evaluate.py on the first 4 recorded verses: agreement with bild at the same
-    settings, large calls and small positions fed per sentence as recorded. With fallback > 1 it must equal large greedy, at rollback 0 it need not
-    (D1)."""
+    settings, large calls and small positions fed per sentence as recorded. With fallback > 1 it must equal large
+    greedy; at rollback 0 it need not (D1)."""
     from evaluate import is_exact, parse_system
     from evaluate import main as evaluate_main
     records = [r for r in read("es-en") if r["rollback_threshold"] == 1.0][:4]
