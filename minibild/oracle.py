@@ -388,3 +388,79 @@ def _chunks(total: int, size: int):
     while total > 0:
         yield min(total, size)
         total -= size
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def read_outputs(path) -> list[dict]:
+    """JSON lines, one object per output with a "tokens" list (and "input_ids" for check_outputs)."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+        if not isinstance(rows[-1], dict) or "tokens" not in rows[-1]:
+            raise ValueError(f"{path}, line {number}: expected an object with a \"tokens\" list, got {line[:80]}")
+    if not rows:
+        raise ValueError(f"{path}: no outputs in it")
+    return rows
+
+
+def main(argv=None) -> int:
+    from .weights import load
+    p = argparse.ArgumentParser(prog="python -m minibild.oracle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    outputs = commands.add_parser("outputs", help="check decoded outputs (one per source) against minibild's")
+    outputs.add_argument("--small", help="small model (minibild checkpoint folder); rules bild and official")
+    outputs.add_argument("--rule", choices=["greedy", "bild", "official"], required=True)
+    outputs.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD)
+    outputs.add_argument("--rollback-threshold", type=float, default=bild.ROLLBACK_THRESHOLD)
+    outputs.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS)
+    outputs.add_argument("--tolerance", type=float, default=NEAR_TIE, help=f"near-tie, nats (default {NEAR_TIE:g})")
+    sampler = commands.add_parser("sampler", help="check samples of one source against ancestral sampling")
+    sampler.add_argument("--input-ids", required=True, help="the source, comma-separated ids")
+    sampler.add_argument("--temperature", type=float, required=True)
+    sampler.add_argument("--false-alarm", type=float, default=1e-6)
+    for command in (outputs, sampler):
+        command.add_argument("--large", required=True, help="large model (minibild checkpoint folder)")
+        command.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
+        command.add_argument("file", help="JSON lines: {\"input_ids\": [...], \"tokens\": [...]} per output "
+                                          "(outputs), {\"tokens\": [...]} per sample (sampler)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # float32 results can depend on how many threads split a matmul
+    try:
+        rows = read_outputs(args.file)
+        large = load(args.large, dtype=torch.float64)
+        if args.command == "sampler":
+            try:
+                input_ids = torch.tensor([[int(t) for t in args.input_ids.split(",")]])
+            except ValueError:
+                raise ValueError(f"--input-ids must be comma-separated ids, got {args.input_ids!r}") from None
+            report = check_sampler(lambda seed: rows[seed]["tokens"], large, input_ids, temperature=args.temperature,
+                                   max_new_tokens=args.max_new_tokens, n=len(rows), false_alarm=args.false_alarm)
+        else:
+            small = load(args.small, dtype=torch.float64) if args.small else None
+            settings = dict(max_new_tokens=args.max_new_tokens)
+            if args.rule != "greedy":
+                settings |= dict(fallback_threshold=args.fallback_threshold,
+                                 rollback_threshold=args.rollback_threshold, max_small_steps=args.max_small_steps)
+            missing = [number for number, row in enumerate(rows, 1) if "input_ids" not in row]
+            if missing:
+                raise ValueError(f"{args.file}: outputs {missing[:3]} (counting from 1) have no \"input_ids\"")
+            given = iter(rows)
+            report = check_outputs(lambda input_ids: next(given)["tokens"], large, small,
+                                   [row.get("input_ids") for row in rows], rule=args.rule, tolerance=args.tolerance,
+                                   **settings)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ check sees outputs only, so most planted samplers are then drawn from by inverse
 (fast, the same distribution); one runs the patched loop itself end to end.
 """
 import copy
+import json
 import math
 
 import numpy as np
@@ -303,3 +304,65 @@ def test_bad_rules_and_outputs_are_refused():
         oracle.check_outputs(lambda ids: [1], large, None, SOURCES, rule="greedy", fallback_threshold=0.5)
     with pytest.raises(ValueError, match=r"decode's output for source 0 holds ids outside \[0, 56\)"):
         oracle.check_outputs(lambda ids: [99], large, None, SOURCES, rule="greedy")
+
+
+# --- the command line ---------------------------------------------------------------------------------------------
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_command_line(tmp_path, capsys):
+    large, small = model_pair("disagree", 0)
+    minibild.save(large, tmp_path / "large")
+    rows = [{"input_ids": s[0].tolist(), "tokens": minibild.greedy(large, s, 16)[0]} for s in SOURCES[:3]]
+    assert oracle.main(["outputs", "--large", str(tmp_path / "large"), "--rule", "greedy", "--max-new-tokens", "16",
+                        write_lines(tmp_path / "good.jsonl", rows)]) == 0
+    assert "3 of 3 outputs equal minibild's" in capsys.readouterr().out
+    rows[1]["tokens"] = rows[1]["tokens"][:1] + [(rows[1]["tokens"][1] + 1) % 56] + rows[1]["tokens"][2:]
+    assert oracle.main(["outputs", "--large", str(tmp_path / "large"), "--rule", "greedy", "--max-new-tokens", "16",
+                        write_lines(tmp_path / "bad.jsonl", rows)]) == 1
+    assert "source 1: departs at token 1" in capsys.readouterr().out
+
+    tiny_large = pair(SEED)[0]
+    minibild.save(tiny_large, tmp_path / "tiny")
+    samples = [{"tokens": minibild.sample(tiny_large, SRC, temperature=T, max_new_tokens=CAP,
+                                          generator=torch.Generator().manual_seed(seed))} for seed in range(300)]
+    command = ["sampler", "--large", str(tmp_path / "tiny"), "--input-ids", "2,1,2", "--temperature", str(T),
+               "--max-new-tokens", str(CAP)]
+    assert oracle.main(command + [write_lines(tmp_path / "samples.jsonl", samples)]) == 0
+    assert "PASS: p = " in capsys.readouterr().out
+    assert oracle.main(command + [write_lines(tmp_path / "wrong.jsonl", [{"tokens": [1, 1]}])]) == 1
+    assert "goes on after EOS" in capsys.readouterr().out
+    assert oracle.main(command[:4] + ["2;1"] + command[5:] + [str(tmp_path / "samples.jsonl")]) == 2
+    assert "--input-ids must be comma-separated ids, got '2;1'" in capsys.readouterr().err
+    assert oracle.main(["outputs", "--large", str(tmp_path / "large"), "--rule", "greedy",
+                        write_lines(tmp_path / "no-ids.jsonl", [{"tokens": [1]}])]) == 2
+    assert "have no \"input_ids\"" in capsys.readouterr().err
+
+
+# --- scripts/check_transformers.py ----------------------------------------------------------------------------------
+
+def test_check_transformers_core_path(tmp_path):
+    """transformers' own sampling (top_k=0 and its default), plain and assisted, passes on a tiny pair exported with
+    save_hf; its assisted greedy output passes the greedy rule."""
+    pytest.importorskip("transformers")
+    import check_transformers
+    from evaluate import load_hf
+
+    large, small = check_transformers.tiny_sampling_pair(5)
+    hf = {role: load_hf(check_transformers.hf_folder(model, tmp_path, role), "cpu", torch.float64)
+          for role, model in (("large", large), ("small", small))}
+    lines = check_transformers.sampling_verdicts("tiny", large, hf["large"], hf["small"], SRC, 2, 200)
+    assert sum(line.startswith("- tiny") and ": PASS: p = " in line for line in lines) == 4, lines
+    assert "the same output with and without top_k=50 for 200 of 200 seeds" in lines[2]  # 4 tokens: top_k=50 is moot
+    big, little = model_pair("disagree", 0)
+    hf = {role: load_hf(check_transformers.hf_folder(model, tmp_path, role + "-greedy"), "cpu", torch.float64)
+          for role, model in (("large", big), ("small", little))}
+    lines = check_transformers.greedy_verdicts("pair", big, little, hf["large"], hf["small"], SOURCES[:4], 16)
+    assert "4 of 4 outputs equal minibild's" in lines[0] and "PASS" in lines[0], lines
+    assert lines[1].endswith("plain greedy output on 4 of 4"), lines
+    import transformers
+    if transformers.__version__ == "5.25.0":  # the version docs/ORACLE.md records it for
+        assert check_transformers.crash_reproducer().startswith("IndexError: list index out of range")
