@@ -143,6 +143,9 @@ def _reference(rule: str, large: T5, small, settings: dict):
         decoding_large = small.shared_large if isinstance(small, EarlyExit) else large
         with recording_logits(decoding_large, small) as calls:
             result = generate(large, small, input_ids, **settings)
+        if len(calls) != len(result.trace):
+            raise RuntimeError(f"rule {rule!r}: {len(calls)} model calls but {len(result.trace)} trace steps; the "
+                               "closest decision needs one step per call")
         return result.tokens, lambda k, e, a: _closest_decision(result.trace, calls, settings, k)
     return run
 
@@ -236,14 +239,17 @@ class SamplerReport:
 
 
 def check_sampler(sample, large: T5, input_ids, *, temperature: float, max_new_tokens: int, n: int,
-                  false_alarm: float = 1e-6, max_outputs: int = MAX_OUTPUTS, null: str = "auto",
-                  seed: int = 0) -> SamplerReport:
+                  false_alarm: float = 1e-6, top_k: int | None = None, max_outputs: int = MAX_OUTPUTS,
+                  null: str = "auto", seed: int = 0) -> SamplerReport:
     """sample(seed) -> one complete output (decoder-start token excluded, EOS included) for seeds 0..n-1, tested
-    against ancestral sampling from `large` at `temperature`. null: "auto" (Monte Carlo when false_alarm >= 1e-3,
-    else the bound), "monte-carlo" or "bound". seed: the oracle's own randomness (null draws, the transform's v)."""
+    against ancestral sampling from `large` at `temperature` (from its top_k tokens at each step, if given, as
+    transformers' top_k does). null: "auto" (Monte Carlo when false_alarm >= 1e-3, else the bound), "monte-carlo"
+    or "bound". seed: the oracle's own randomness (null draws, the transform's v)."""
     check_temperature(temperature, "check_outputs (rule 'greedy')")
     check_count("max_new_tokens", max_new_tokens)
     check_count("n", n)
+    if top_k is not None:
+        check_count("top_k", top_k)
     if not 0 < false_alarm < 1:
         raise ValueError(f"false_alarm must be in (0, 1), got {false_alarm!r}")
     if null not in ("auto", "monte-carlo", "bound"):
@@ -254,18 +260,25 @@ def check_sampler(sample, large: T5, input_ids, *, temperature: float, max_new_t
     outputs = count_outputs(config.vocab_size, max_new_tokens)
     samples = [_tokens(sample(s), f"sample({s})", config.vocab_size) for s in range(n)]
     report = dict(n=n, false_alarm=false_alarm, outputs=outputs)
+
+    def impossible(s: int, problem: str) -> SamplerReport:
+        return SamplerReport(False, 0.0, math.inf, 0.0, math.nan, "", "", **report,
+                             invalid=f"sample({s}) = {samples[s]} {problem}: the reference never gives it")
+
     for s, tokens in enumerate(samples):
         problem = _incomplete(tokens, config.eos_token_id, max_new_tokens)
         if problem:
-            return SamplerReport(False, 0.0, math.inf, 0.0, math.nan, "", "", **report,
-                                 invalid=f"sample({s}) = {tokens} {problem}: the reference never gives it")
+            return impossible(s, problem)
     rng = np.random.default_rng(seed)
     if outputs <= max_outputs:
         metric = "total variation"
-        reference = exact_distribution(large, input_ids, temperature, max_new_tokens)
+        reference = exact_distribution(large, input_ids, temperature, max_new_tokens, top_k)
         keys = list(reference)
         p = np.array([reference[key] for key in keys])
         index = {key: i for i, key in enumerate(keys)}
+        zero = next((s for s, t in enumerate(samples) if reference[tuple(t)] == 0), None)
+        if zero is not None:
+            return impossible(zero, f"has probability 0 (a token outside the top {top_k})")
         counts = np.bincount([index[tuple(t)] for t in samples], minlength=len(keys))
         statistic = _tv(counts[None], p, n)[0]
         null_draws = lambda m: _tv(rng.multinomial(n, p / p.sum(), size=m), p, n)  # noqa: E731
@@ -276,7 +289,9 @@ def check_sampler(sample, large: T5, input_ids, *, temperature: float, max_new_t
         spread = 0.5 * math.sqrt((outputs - 1) / n) + math.sqrt(math.log(1 / (1 - POWER)) / (2 * n))
     else:
         metric = "Kolmogorov distance of the lexicographic CDF (at most the total variation)"
-        u = _transform(large, input_ids, temperature, samples, rng)
+        u, at = _transform(large, input_ids, temperature, top_k, samples, rng)
+        if not at.all():
+            return impossible(int(np.argmin(at)), f"has probability 0 (a token outside the top {top_k})")
         statistic = _ks(u[None])[0]
         null_draws = lambda m: _ks(rng.random((m, n)))  # noqa: E731
         bound_mean, width = None, n
@@ -311,18 +326,27 @@ def count_outputs(vocab_size: int, max_new_tokens: int) -> int:
     return sum((V - 1) ** (t - 1) for t in range(1, N)) + V * (V - 1) ** (N - 1)
 
 
+def step_probabilities(logits, temperature: float, top_k: int | None = None):
+    """softmax(logits / T) in float64 (..., V), over the top_k largest logits only if given (ties at the k-th kept,
+    as transformers' TopKLogitsWarper does)."""
+    scores = logits.double() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        scores = scores.masked_fill(scores < scores.topk(top_k, dim=-1).values[..., -1:], -math.inf)
+    return scores.softmax(-1)
+
+
 @torch.inference_mode()
-def exact_distribution(large: T5, input_ids, temperature: float, max_new_tokens: int) -> dict[tuple, float]:
-    """{complete output: its probability under ancestral sampling at the temperature}, in float64, one batched
-    uncached forward per output length."""
+def exact_distribution(large: T5, input_ids, temperature: float, max_new_tokens: int,
+                       top_k: int | None = None) -> dict[tuple, float]:
+    """{complete output: its probability under ancestral sampling at the temperature (from the top_k tokens at each
+    step, if given)}, in float64, one batched uncached forward per output length."""
     eos, device = large.config.eos_token_id, large.embed.weight.device
     input_ids = input_ids.to(device)
     prefixes, probabilities, outputs = [[large.config.decoder_start_token_id]], [1.0], {}
     for t in range(1, max_new_tokens + 1):
         logits = large(input_ids.expand(len(prefixes), -1), torch.tensor(prefixes, device=device))[:, -1]
-        log_p = (logits.double() / temperature).log_softmax(-1).cpu()  # (B, V)
         going, going_p = [], []
-        for y, p, row in zip(prefixes, probabilities, log_p.exp().tolist()):
+        for y, p, row in zip(prefixes, probabilities, step_probabilities(logits, temperature, top_k).cpu().tolist()):
             for token, q in enumerate(row):
                 if token == eos or t == max_new_tokens:
                     outputs[tuple(y[1:]) + (token,)] = p * q
@@ -334,21 +358,24 @@ def exact_distribution(large: T5, input_ids, temperature: float, max_new_tokens:
 
 
 @torch.inference_mode()
-def _transform(large: T5, input_ids, temperature: float, samples: list[list[int]], rng) -> np.ndarray:
-    """Each sample x -> P(X < x) + v P(X = x), v uniform, X the reference's output, in lexicographic token order."""
+def _transform(large: T5, input_ids, temperature: float, top_k: int | None, samples: list[list[int]],
+               rng) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample x -> (P(X < x) + v P(X = x) with v uniform, P(X = x)): X the reference's output, in lexicographic
+    token order."""
     device = large.embed.weight.device
     below_and_at = {}
     for tokens in map(tuple, samples):
         if tokens in below_and_at:
             continue
         y = torch.tensor([[large.config.decoder_start_token_id, *tokens[:-1]]], device=device)
-        p = (large(input_ids.to(device), y)[0].double() / temperature).softmax(-1).cpu()  # (len, V)
+        p = step_probabilities(large(input_ids.to(device), y)[0], temperature, top_k).cpu()  # (len, V)
         below, prefix = 0.0, 1.0  # P(X < x) so far; P(X starts with x[:t])
         for t, token in enumerate(tokens):
             below += prefix * p[t, :token].sum().item()
             prefix *= p[t, token].item()
         below_and_at[tokens] = (below, prefix)
-    return np.array([below_and_at[tuple(t)][0] + rng.random() * below_and_at[tuple(t)][1] for t in samples])
+    below, at = np.array([below_and_at[tuple(t)] for t in samples]).T
+    return below + rng.random(len(samples)) * at, at
 
 
 def _incomplete(tokens: list[int], eos: int, max_new_tokens: int) -> str | None:

@@ -355,8 +355,9 @@ def test_check_transformers_core_path(tmp_path):
     hf = {role: load_hf(check_transformers.hf_folder(model, tmp_path, role), "cpu", torch.float64)
           for role, model in (("large", large), ("small", small))}
     lines = check_transformers.sampling_verdicts("tiny", large, hf["large"], hf["small"], SRC, 2, 200)
-    assert sum(line.startswith("- tiny") and ": PASS: p = " in line for line in lines) == 4, lines
-    assert "the same output with and without top_k=50 for 200 of 200 seeds" in lines[2]  # 4 tokens: top_k=50 is moot
+    assert sum(line.startswith("- tiny, ") and ": PASS: p = " in line for line in lines) == 6, lines
+    assert "are 0 apart in total variation" in lines[0], lines
+    assert "the same output with and without top_k=50 for 200 of 200 seeds" in lines[4]  # 4 tokens: top_k=50 is moot
     big, little = model_pair("disagree", 0)
     hf = {role: load_hf(check_transformers.hf_folder(model, tmp_path, role + "-greedy"), "cpu", torch.float64)
           for role, model in (("large", big), ("small", little))}
@@ -366,3 +367,23 @@ def test_check_transformers_core_path(tmp_path):
     import transformers
     if transformers.__version__ == "5.25.0":  # the version docs/ORACLE.md records it for
         assert check_transformers.crash_reproducer().startswith("IndexError: list index out of range")
+
+
+def test_top_k_reference():
+    """With top_k, the reference samples from the top_k tokens at each step: minibild.sample on a model whose logits
+    outside the top 2 are pushed to -inf has that distribution, and samples holding a token outside are impossible."""
+    large = pair(SEED)[0]
+    exact = oracle.exact_distribution(large, SRC, T, CAP, top_k=2)
+    assert math.isclose(sum(exact.values()), 1.0, abs_tol=1e-12)
+    # 0.30 from the full reference in TV: above the 0.16 that n = 2000 detects with probability 0.99
+    assert sum(p > 0 for p in exact.values()) <= 2 + 2 * 2 and distance(exact, oracle.exact_distribution(
+        large, SRC, T, CAP)) > 0.3
+    for options in (dict(), dict(max_outputs=0)):
+        assert check(inverse_cdf_sampler(exact), 2000, top_k=2, **options).passed
+        assert not check(inverse_cdf_sampler(exact), 2000, **options).passed  # top_k=2 against the full reference
+    full = oracle.exact_distribution(large, SRC, T, CAP)
+    outside = next(key for key, p in exact.items() if p == 0)
+    for options in (dict(), dict(max_outputs=0)):
+        report = check(lambda seed: list(outside), 3, top_k=2, **options)
+        assert not report.passed and "has probability 0 (a token outside the top 2)" in report.invalid
+    assert full[outside] > 0
