@@ -19,10 +19,11 @@ check_sampler: n outputs, one per seed, tested against ancestral sampling from t
   x becomes u = P(X < x) + v P(X = x) with v uniform, computed exactly from the conditionals along x's own prefixes
   (one teacher-forced forward); under the reference the u are exactly iid uniform. The statistic is the
   Kolmogorov-Smirnov distance of the u from uniform, i.e. of the samples' lexicographic CDF from the exact one.
-The p-value is exact at any n: a Monte Carlo null drawn from the exact reference, p = (1 + #{null >= observed}) /
-(M + 1), when false_alarm >= 1e-3 (M = 20 / false_alarm - 1 draws); below that, a bound proven for every n
-(McDiarmid for TV, Dvoretzky-Kiefer-Wolfowitz-Massart for KS), which is conservative. The detectable distance is the
-smallest distance from the reference at which this n fails a sampler with probability at least 0.99.
+The p-value is valid at every n, with no asymptotics: exact from a Monte Carlo null drawn from the exact reference,
+p = (1 + #{null >= observed}) / (M + 1), when false_alarm >= 1e-3 (M = 20 / false_alarm - 1 draws); below that, from
+a bound proven for every n (McDiarmid for TV, Dvoretzky-Kiefer-Wolfowitz-Massart for KS), which is conservative.
+The detectable distance is the smallest distance from the reference at which this n fails a sampler with
+probability at least 0.99.
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ import torch
 from . import bild
 from .conformance import recording_logits
 from .early_exit import EarlyExit
-from .generate import check_count, greedy
+from .generate import check_count, check_eval, check_one_source, greedy
 from .model import T5
 from .sampling import check_temperature
 
@@ -255,8 +256,9 @@ def check_sampler(sample, large: T5, input_ids, *, temperature: float, max_new_t
     if null not in ("auto", "monte-carlo", "bound"):
         raise ValueError(f"null must be 'auto', 'monte-carlo' or 'bound', got {null!r}")
     monte_carlo = null == "monte-carlo" or (null == "auto" and false_alarm >= MONTE_CARLO_LEAST)
-    input_ids = torch.as_tensor(input_ids).reshape(1, -1)
     config = large.config
+    check_eval("the large model", large)
+    check_one_source(input_ids, config.vocab_size, "check_sampler")
     outputs = count_outputs(config.vocab_size, max_new_tokens)
     samples = [_tokens(sample(s), f"sample({s})", config.vocab_size) for s in range(n)]
     report = dict(n=n, false_alarm=false_alarm, outputs=outputs)
@@ -402,7 +404,8 @@ def _ks(u: np.ndarray) -> np.ndarray:
 
 
 def _binomial_mad(n: int, p: float) -> float:
-    """E|X - np| for X ~ Binomial(n, p), by de Moivre's formula: 2 m C(n, m) p^m (1 - p)^(n - m + 1), m = floor(np) + 1."""
+    """E|X - np| for X ~ Binomial(n, p), by de Moivre's formula: 2 m C(n, m) p^m (1 - p)^(n - m + 1),
+    m = floor(np) + 1."""
     m = math.floor(n * p) + 1
     if p <= 0 or m > n:
         return 0.0

@@ -16,6 +16,7 @@ import torch
 
 import minibild
 from minibild import bild, oracle, sampling
+from minibild.sampling import bild_sample
 from test_sampling import SRC, distance, distribution, enumerate_paths, large_distribution, one_hot, pair, plant_draft
 from tiny_models import model_pair, random_source
 
@@ -65,8 +66,9 @@ def planted_distribution(bug) -> dict:
         if bug == "temperature x 1.1":
             return oracle.exact_distribution(large, SRC, 1.1 * T, CAP)
         PLANTED[bug](mp)
-        paths = enumerate_paths(lambda draws: bild.sample(large, small, SRC, temperature=T, fallback_threshold=FALLBACK,
-                                                          max_small_steps=N, max_new_tokens=CAP, draws=draws))
+        paths = enumerate_paths(lambda draws: bild_sample(large, small, SRC, temperature=T,
+                                                          fallback_threshold=FALLBACK, max_small_steps=N,
+                                                          max_new_tokens=CAP, draws=draws))
     return distribution((p, result.tokens) for p, result in paths)
 
 
@@ -90,7 +92,7 @@ def test_binomial_mean_absolute_deviation_is_exact():
         assert math.isclose(oracle._binomial_mad(n, p), direct, rel_tol=1e-9, abs_tol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["minibild.sample", "bild.sample"])
+@pytest.mark.parametrize("name", ["minibild.sample", "bild_sample"])
 def test_correct_samplers_pass(name):
     large, small = pair(SEED)
 
@@ -98,7 +100,7 @@ def test_correct_samplers_pass(name):
         generator = torch.Generator().manual_seed(seed)
         if name == "minibild.sample":
             return minibild.sample(large, SRC, temperature=T, max_new_tokens=CAP, generator=generator)
-        return bild.sample(large, small, SRC, temperature=T, fallback_threshold=0.3, max_small_steps=N,
+        return bild_sample(large, small, SRC, temperature=T, fallback_threshold=0.3, max_small_steps=N,
                            max_new_tokens=CAP, generator=generator).tokens
 
     for options in (dict(), dict(max_outputs=0)):  # enumerated (TV) and transformed (KS)
@@ -126,7 +128,7 @@ def test_a_planted_loop_fails_end_to_end():
     large, small = pair(SEED)
     with pytest.MonkeyPatch.context() as mp:
         temperature_on_the_draft_only(mp)
-        report = check(lambda seed: bild.sample(large, small, SRC, temperature=T, fallback_threshold=FALLBACK,
+        report = check(lambda seed: bild_sample(large, small, SRC, temperature=T, fallback_threshold=FALLBACK,
                                                 max_small_steps=N, max_new_tokens=CAP,
                                                 generator=torch.Generator().manual_seed(seed)).tokens, 1500)
     assert not report.passed and report.detectable < 0.2, report
@@ -281,7 +283,8 @@ def test_a_near_tie_is_called_numerics():
                                   small, [source], rule="bild", **SETTINGS)
     assert not report.passed and [d.verdict for d in report.departures] == ["numerics"], report
     # A float32 run of the near-tie model against the float64 reference: equal, or departs at a near-tie, never a bug.
-    report = oracle.check_outputs(lambda ids: minibild.greedy(copy.deepcopy(reference).float(), ids, 16)[0], reference, None,
+    float32 = copy.deepcopy(reference).float()
+    report = oracle.check_outputs(lambda ids: minibild.greedy(float32, ids, 16)[0], reference, None,
                                   [source] + SOURCES[1:4], rule="greedy", max_new_tokens=16)
     assert not report.bugs, report
 
@@ -292,6 +295,12 @@ def test_official_rule_when_present():
     report = oracle.check_outputs(lambda ids: official.generate(large, small, ids, **SETTINGS).tokens, large, small,
                                   SOURCES, rule="official", **SETTINGS)
     assert report.passed, report
+    # bild.generate against the official rule: where they differ, the departure is named at the first difference
+    report = oracle.check_outputs(lambda ids: bild.generate(large, small, ids, **SETTINGS).tokens, large, small,
+                                  SOURCES, rule="official", **SETTINGS)
+    for d in report.departures:
+        assert d.position == first_difference(official.generate(large, small, SOURCES[d.source], **SETTINGS).tokens,
+                                              bild.generate(large, small, SOURCES[d.source], **SETTINGS).tokens)
 
 
 def test_bad_rules_and_outputs_are_refused():
