@@ -119,8 +119,8 @@ def test_planted_samplers_fail_with_overwhelming_probability(bug):
     report = check(inverse_cdf_sampler(planted), 40_000)
     assert not report.passed, (bug, tv, report)
     assert report.detectable < 0.037 < 0.049 <= tv, (bug, tv, report)
-    expected_spread = 0.5 * math.sqrt((report.outputs - 1) / report.n)
-    assert math.exp(-2 * report.n * (tv - report.critical - expected_spread) ** 2) < 1e-12, (bug, tv, report)
+    margin = tv - report.critical - 0.5 * math.sqrt((report.outputs - 1) / report.n)  # d - critical - E
+    assert margin > 0 and math.exp(-2 * report.n * margin ** 2) < 1e-12, (bug, tv, report)
 
 
 def test_a_planted_loop_fails_end_to_end():
