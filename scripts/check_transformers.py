@@ -41,17 +41,22 @@ TEMPERATURE = 0.5
 
 
 def crash_reproducer() -> str:
-    """transformers' generate() on a random T5Config(num_layers=2, num_decoder_layers=4): what it raises."""
+    """transformers' generate(), plain and assisted (by a 1/1-layer T5), on a random T5Config(num_layers=2,
+    num_decoder_layers=4): what each raises."""
     from transformers import T5Config, T5ForConditionalGeneration
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=2,
-                                                num_decoder_layers=4, decoder_start_token_id=0)).eval()
-    try:
-        model.generate(torch.tensor([[3, 4, 5, 1]]), max_new_tokens=3, do_sample=False)
-    except Exception as e:  # the finding is whatever it raises, reported as it came
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        return f"{type(e).__name__}: {e} (in {Path(where.filename).name}, line {where.lineno})"
-    return "no error"
+    tiny = dict(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_heads=2, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(T5Config(num_layers=2, num_decoder_layers=4, **tiny)).eval()
+    assistant = T5ForConditionalGeneration(T5Config(num_layers=1, num_decoder_layers=1, **tiny)).eval()
+    found = []
+    for name, options in (("plain", {}), ("assisted", {"assistant_model": assistant})):
+        try:
+            model.generate(torch.tensor([[3, 4, 5, 1]]), max_new_tokens=3, do_sample=False, **options)
+            found.append(f"{name}: no error")
+        except Exception as e:  # the finding is whatever it raises, reported as it came
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            found.append(f"{name}: {type(e).__name__}: {e} (in {Path(where.filename).name}, line {where.lineno})")
+    return "; ".join(found)
 
 
 def hf_folder(model, root: Path, name: str) -> Path:
