@@ -363,9 +363,9 @@ def test_check_transformers_core_path(tmp_path):
     large, small = check_transformers.tiny_sampling_pair(5)
     hf = {role: load_hf(check_transformers.hf_folder(model, tmp_path, role), "cpu", torch.float64)
           for role, model in (("large", large), ("small", small))}
-    lines = check_transformers.sampling_verdicts("tiny", large, hf["large"], hf["small"], SRC, 2, 200)
+    lines = check_transformers.sampling_verdicts("tiny", large, hf["large"], hf["small"], SRC, 0.5, 2, 200)
     assert sum(line.startswith("- tiny, ") and ": PASS: p = " in line for line in lines) == 6, lines
-    assert "are 0 apart in total variation" in lines[0], lines
+    assert "are exactly 0 apart in total variation" in lines[0], lines
     assert "the same output with and without top_k=50 for 200 of 200 seeds" in lines[4]  # 4 tokens: top_k=50 is moot
     big, little = model_pair("disagree", 0)
     hf = {role: load_hf(check_transformers.hf_folder(model, tmp_path, role + "-greedy"), "cpu", torch.float64)
