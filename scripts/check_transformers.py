@@ -2,7 +2,7 @@
 outputs against the large model's greedy outputs (what assisted generation promises), and its sampled outputs
 against exact ancestral sampling from the large model. Prints a Markdown report (docs/ORACLE.md holds one run's).
 
-    python scripts/check_transformers.py                 # everything: ~10 minutes on 2 CPU cores
+    python scripts/check_transformers.py                     # everything: about an hour on 2 busy CPU cores
     python scripts/check_transformers.py --verses 5 --n 300  # a quick look
 
 Greedy: the conformance pairs (conformance/models/{v1.0,v1.1}, their Hugging Face folders; the early-exit pair has no
@@ -13,9 +13,10 @@ numerics. transformers' generate() raises IndexError on a T5 whose decoder has m
 shipped large models: 4 and 8); the report shows the minimal reproducer, and the shipped pairs are checked through
 the workaround scripts/evaluate.py's hf_decode uses (a cache built without a config, passed to generate()).
 
-Sampling: tiny float64 pairs whose reference is exact (4 tokens: 13 complete outputs, enumerated; the conformance
-pairs, 64 tokens: through the Rosenblatt transform), plain sampling and assisted sampling, with transformers' default
-top_k (50) and with top_k=0 (no truncation), n samples each, seeds 0..n-1 through torch.manual_seed.
+Sampling, against an exact reference: a tiny float64 pair (4 tokens: 13 complete outputs, enumerated), the
+conformance pairs (64 tokens) and the shipped Spanish-English pair (8000 tokens), both through the Rosenblatt
+transform; plain sampling and assisted sampling, with transformers' default top_k (50), checked against the full and
+the top-50 reference, and with top_k=0 (no truncation), n samples each, seeds 0..n-1 through torch.manual_seed.
 """
 import argparse
 import sys
