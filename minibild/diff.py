@@ -642,9 +642,9 @@ def diff(expected, actual, settings: Settings | None = None, logits=None, tolera
             raise Unusable(f"EXPECTED's call {k + 1} is {'sampled' if isinstance(e, SAMPLED) else 'greedy'}, "
                            f"ACTUAL's {'sampled' if isinstance(a, SAMPLED) else 'greedy'}: compare traces of one kind")
         if le is not None or logits is not None and e is not None:
-            _check_logits_record(le, e, k, "EXPECTED")
+            _check_logits_record(le, e, k, "EXPECTED", logits)
         if la is not None or actual_logits is not None and divergence is None and a is not None:
-            _check_logits_record(la, a, k, "ACTUAL")
+            _check_logits_record(la, a, k, "ACTUAL", actual_logits)
         if a is not None:
             own = replay.step(k, a)
         if reading:
@@ -662,8 +662,8 @@ def diff(expected, actual, settings: Settings | None = None, logits=None, tolera
     if own is None:
         for extra, name in ((logits, "EXPECTED"), (actual_logits, "ACTUAL")):
             if extra is not None and divergence is None and next(extra, None) is not None:
-                raise Unusable(f"the logits file of {name} has more records than {name} has calls: give the logits "
-                               "file of the same trace")
+                where = getattr(extra, "where", f"the logits of {name}")
+                raise Unusable(f"{where}: more records than {name} has calls: give the logits file of the same trace")
     if own is None and counts[1]:
         own = replay.end()
     expected_calls, actual_calls = counts
@@ -699,13 +699,13 @@ def _count_rest(calls) -> int:
     return count_rest() if count_rest else sum(1 for _ in calls)
 
 
-def _check_logits_record(record, step, k: int, whose: str):
+def _check_logits_record(record, step, k: int, whose: str, records):
     """A logits record that can stand beside call k: an object with the call's model and start, and a margin and
     top logits per position fed."""
+    where = getattr(records, "where", f"the logits of {whose}, record {k + 1}")
     if record is None:
-        raise Unusable(f"the logits file of {whose} has fewer records than {whose} has calls ({k} for call {k + 1}): "
-                       "give the logits file of the same trace")
-    where = f"the logits file of {whose}, line {k + 1}"
+        raise Unusable(f"{where.split(', line')[0]}: {k} records, fewer than {whose}'s calls: give the logits file of "
+                       "the same trace")
     if not isinstance(record, dict):
         raise Unusable(f"{where}: expected a JSON object, got {json.dumps(record)[:40]}")
     for key in ("model", "start", "margin", "top_ids", "top_logits"):
@@ -774,19 +774,31 @@ class TraceFile:
         return (self.first is not None) + sum(1 for line in self.file if line.strip())
 
 
-def json_lines(stack: ExitStack, path, what: str):
-    """The records of a JSON-lines file, one at a time."""
-    try:
-        lines = stack.enter_context(open(path, "rb"))
-    except OSError as e:
-        raise Unusable(f"cannot read {what} {path}: {e.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+class LogitsFile:
+    """A logits file's records (logits.DTYPE.jsonl), read one line at a time; `where` names the last one read."""
+
+    def __init__(self, stack: ExitStack, path):
         try:
-            yield json.loads(line.decode("utf-8"))
-        except ValueError as e:
-            raise Unusable(f"{what} {path}, line {n}: not JSON: {e}") from None
+            self.file = stack.enter_context(open(path, "rb"))
+        except OSError as e:
+            raise Unusable(f"cannot read --logits {path}: {e.strerror}") from None
+        self.path, self.line = path, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for raw in self.file:
+            self.line += 1
+            try:
+                return json.loads(raw.decode("utf-8"))
+            except ValueError as e:
+                raise Unusable(f"{self.where}: not JSON: {e}") from None
+        raise StopIteration
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.line}"
 
 
 def agreed_settings(case: Settings | None, headers: dict) -> Settings | None:
@@ -847,7 +859,7 @@ def run(stack: ExitStack, args) -> Report:
     dtype = args.dtype or (headers["ACTUAL"].dtype if headers["ACTUAL"] and headers["ACTUAL"].dtype in TOLERANCE
                            else "float32")
     tolerance = TOLERANCE[dtype] if args.tolerance is None else args.tolerance
-    logits = [json_lines(stack, path, "--logits") for path in args.logits or []]
+    logits = [LogitsFile(stack, path) for path in args.logits or []]
     return diff(expected, actual, settings, logits[0] if logits else None, tolerance, rule=rule,
                 actual_logits=logits[1] if len(logits) > 1 else None)
 
