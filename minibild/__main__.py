@@ -47,7 +47,7 @@ def parse_args(argv):
     p.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS, help="N (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 (default): greedy; T > 0: sample from softmax(logits / T), with bild.sample in the bild "
+                   help="0 (default): greedy; T > 0: sample from softmax(logits / T), with bild_sample in the bild "
                         "and speculative modes (distributed exactly as the large model's samples) and "
                         "minibild.sample in the large and small modes")
     p.add_argument("--seed", type=int, default=0,
@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--batch-size", type=int, default=1, metavar="B",
-                   help="decode B inputs at a time (batched greedy or bild.generate_batch; each output is the one "
+                   help="decode B inputs at a time (batched greedy or batch.generate_batch; each output is the one "
                         "batch size 1 gives; default 1)")
     p.add_argument("--trace", action="store_true", help="print BiLD's decisions for each input on stderr")
     return p.parse_args(argv)

@@ -21,7 +21,7 @@ Positions: y[0] is the decoder-start token and y[p] is fed at decoder position p
 length n holds y[:n]. Each call feeds its model exactly the tokens of y its cache does not hold;
 after a rollback both caches are cropped to the kept prefix, so nothing is ever recomputed.
 Every call is one step of the trace (trace.py); the counts (BiLDStats) are read off the trace.
-Sampling at a temperature with the same loop, exact in distribution: sampling.py (bild.sample).
+Sampling at a temperature with the same loop, exact in distribution: sampling.py (bild_sample).
 """
 from dataclasses import dataclass
 
@@ -174,7 +174,7 @@ def _check_arguments(large: T5, small: T5, input_ids, fallback_threshold, rollba
 def check_source(large: T5, small: T5, input_ids):
     """The pair can decode together (check_pair) and input_ids is one source (1, S) of their vocabulary."""
     check_pair(large, small)
-    check_one_source(input_ids, large.config.vocab_size, "BiLD", "; bild.generate_batch decodes a batch")
+    check_one_source(input_ids, large.config.vocab_size, "BiLD", "; batch.generate_batch decodes a batch")
 
 
 def check_pair(large: T5, small: T5):
@@ -203,8 +203,3 @@ def check_settings(fallback_threshold, rollback_threshold, max_small_steps, max_
     check_count("max_small_steps", max_small_steps)
     check_count("max_new_tokens", max_new_tokens)
 
-
-# Batched BiLD (batch.py) and BiLD with sampling (sampling.py) take this module's decisions, so they are imported
-# last.
-from .batch import generate_batch  # noqa: E402, F401
-from .sampling import bild_sample as sample  # noqa: E402, F401

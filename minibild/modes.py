@@ -5,10 +5,10 @@ from dataclasses import dataclass
 import torch
 
 from . import bild
-from .batch import right_pad
+from .batch import generate_batch, right_pad
 from .generate import greedy
 from .model import T5
-from .sampling import check_temperature, sample
+from .sampling import bild_sample, check_temperature, sample
 
 MODES = ("bild", "large", "small", "speculative")
 
@@ -16,8 +16,8 @@ MODES = ("bild", "large", "small", "speculative")
 @dataclass(frozen=True)
 class Mode:
     """A decoding mode with its settings; `speculative` uses max_small_steps as its draft length k. Temperature > 0
-    samples: large and small with minibild.sample, bild with bild.sample (no rollback threshold), speculative with
-    bild.sample at fallback threshold 0 (speculative sampling); each source with a generator seeded with `seed`."""
+    samples: large and small with minibild.sample, bild with bild_sample (no rollback threshold), speculative with
+    bild_sample at fallback threshold 0 (speculative sampling); each source with a generator seeded with `seed`."""
     name: str = "bild"
     fallback_threshold: float = bild.FALLBACK_THRESHOLD
     rollback_threshold: float = bild.ROLLBACK_THRESHOLD
@@ -66,7 +66,7 @@ class Mode:
             return sample(large if self.name == "large" else small, input_ids, temperature=self.temperature,
                           max_new_tokens=self.max_new_tokens, generator=generator), None
         fallback = 0.0 if self.name == "speculative" else self.fallback_threshold
-        result = bild.sample(large, small, input_ids, temperature=self.temperature, fallback_threshold=fallback,
+        result = bild_sample(large, small, input_ids, temperature=self.temperature, fallback_threshold=fallback,
                              max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens,
                              generator=generator)
         return result.tokens, result
@@ -74,7 +74,7 @@ class Mode:
     def decode_batch(self, large: T5 | None, small: T5 | None, input_ids,
                      attention_mask) -> list[tuple[list[int], "bild.BiLDResult | None"]]:
         """Decode a right-padded batch (B, S) -> per row what decode gives on that row alone: batched greedy
-        (minibild.greedy) or batched BiLD (bild.generate_batch). Sampling decodes one source at a time."""
+        (minibild.greedy) or batched BiLD (batch.generate_batch). Sampling decodes one source at a time."""
         if self.temperature:
             raise ValueError("sampling (temperature > 0) decodes one source at a time: use batch size 1")
         if self.name in ("large", "small"):
@@ -83,7 +83,7 @@ class Mode:
         # Speculative decoding is BiLD with fallback 0 and rollback 0 (bild.speculative).
         fallback, rollback = (0.0, 0.0) if self.name == "speculative" else (self.fallback_threshold,
                                                                               self.rollback_threshold)
-        results = bild.generate_batch(large, small, input_ids, attention_mask, fallback_threshold=fallback,
+        results = generate_batch(large, small, input_ids, attention_mask, fallback_threshold=fallback,
                                       rollback_threshold=rollback, max_small_steps=self.max_small_steps,
                                       max_new_tokens=self.max_new_tokens)
         return [(result.tokens, result) for result in results]

@@ -1,5 +1,5 @@
 """Sampling at a temperature: plain ancestral sampling (`sample`, the baseline), and BiLD's draft policy as
-speculative sampling (`bild_sample`, re-exported as bild.sample), exact in distribution.
+speculative sampling (`bild_sample`), exact in distribution.
 
 bild_sample runs bild.generate's loop with three changes (docs/BILD.md, "Sampling", proves it exact):
 - Small phase: q = softmax(small logits / T). Its top probability below the fallback threshold: *fallback*,

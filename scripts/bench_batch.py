@@ -6,7 +6,7 @@ speculative decoding (fallback 0, rollback 0, N = 5), at several batch sizes, on
 Each round decodes the first --limit sources of the split once with every (system, batch size), the order
 rotating from round to round so that drift in the machine's speed hits all alike; the figures are medians over
 rounds. Batch size 1 runs the batch-1 code (minibild.greedy on one row, bild.generate); larger ones batched
-greedy and bild.generate_batch, on batches of consecutive sources. Throughput: output tokens over the pass's
+greedy and batch.generate_batch, on batches of consecutive sources. Throughput: output tokens over the pass's
 seconds. A sentence's latency is its batch's seconds (it waits for the whole batch); the median over sentences.
 Every system must give the same outputs at every batch size; the script says whether it does. Where the time goes:
 every decoder call is timed (batch-1 code and batched greedy call T5.decode, batched BiLD ragged.decode), giving

@@ -12,7 +12,7 @@ Systems: `large`, `small`, `speculative:K`, `bild:FALLBACK,ROLLBACK[,N]` (minibi
 --hf-small) `hf-greedy` and `hf-assisted`: transformers' generate(), greedy and with the small model as assistant
 (transformers' default assistant settings), on the Hugging Face folders the minibild files were converted from.
 Sampled at --temperature, each source with a generator seeded with --seed: `sample` (the large model's ancestral
-sampling, minibild.sample) and `bild-sample:FALLBACK[,N]` (bild.sample, distributed exactly as `sample`: compare
+sampling, minibild.sample) and `bild-sample:FALLBACK[,N]` (bild_sample, distributed exactly as `sample`: compare
 their quality and speed; compare either's speed with large greedy's as the speedup column does).
 --exit-layer K makes the small model the large model's first K decoder layers (early exit).
 
@@ -25,7 +25,7 @@ and the large model's share of wall time (a stopwatch around its encode / new_ca
 own code is not instrumented). Exact systems (bild with rollback 0 or fallback > 1, speculative, hf-greedy,
 hf-assisted) are checked token for token against large greedy. Several --dtype values are separate runs.
 
-With --batch-size B, minibild's systems decode B sources at a time (batched greedy, bild.generate_batch), each
+With --batch-size B, minibild's systems decode B sources at a time (batched greedy, batch.generate_batch), each
 batch one timed call, and every source's latency is its batch's; the large model's share of wall time is not
 measured then. transformers' systems and --exit-layer are batch-1 only here.
 

@@ -1,16 +1,18 @@
 """Tests for batched BiLD (minibild/batch.py) and its ragged cache (minibild/ragged.py).
 
-The contract: row i of bild.generate_batch is bild.generate on row i alone (its unpadded source), in tokens,
+The contract: row i of batch.generate_batch is bild.generate on row i alone (its unpadded source), in tokens,
 stats and trace, for every setting. Tokens, decisions, positions and stats are compared exactly; the trace's
 probabilities and cross-entropies to 1e-9 relative (float64), since a batched matmul may sum in another order.
 Models, sources and settings are test_bild.py's (tests/tiny_models.py).
 """
+import ast
 import copy
 import math
 import random
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import minibild
 from minibild import bild, ragged
-from minibild.batch import right_pad
+from minibild.batch import generate_batch, right_pad
 from tiny_models import EOS, PAD, VOCAB, assert_reached, lengths, model_pair, pair_args, random_source, steps
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -86,7 +88,7 @@ def test_each_row_is_bild_generate_on_that_row_alone():
         large, small = model_pair(*args)
         kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
                       max_small_steps=N, max_new_tokens=max_new_tokens)
-        results = bild.generate_batch(large, small, *padded(sources), **kwargs)
+        results = generate_batch(large, small, *padded(sources), **kwargs)
         assert len(results) == len(sources)
         for src, result in zip(sources, results):
             assert_same_result(result, bild.generate(large, small, src[None], **kwargs))
@@ -106,8 +108,8 @@ def test_permuting_rows_permutes_results():
                       max_small_steps=N, max_new_tokens=max_new_tokens)
         order = list(range(len(sources)))
         rng.shuffle(order)
-        results = bild.generate_batch(large, small, *padded(sources), **kwargs)
-        permuted = bild.generate_batch(large, small, *padded([sources[i] for i in order]), **kwargs)
+        results = generate_batch(large, small, *padded(sources), **kwargs)
+        permuted = generate_batch(large, small, *padded([sources[i] for i in order]), **kwargs)
         for i, result in zip(order, permuted):
             assert_same_result(result, results[i])
 
@@ -121,7 +123,7 @@ def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched():
     @given(pair_args, st.floats(0, 1), steps, lengths, batches)
     def check(args, fallback_threshold, N, max_new_tokens, sources):
         large, small = model_pair(*args)
-        results = bild.generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
+        results = generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
                                       rollback_threshold=0.0, max_small_steps=N, max_new_tokens=max_new_tokens)
         tokens = [result.tokens for result in results]
         assert tokens == [minibild.greedy(large, src[None], max_new_tokens)[0] for src in sources]
@@ -225,7 +227,7 @@ def test_bad_inputs_are_refused_before_any_compute(ids, mask, message, monkeypat
     for model in (large, small):
         monkeypatch.setattr(model, "encode", None)
     with pytest.raises(ValueError, match=message):
-        bild.generate_batch(large, small, ids, mask)
+        generate_batch(large, small, ids, mask)
 
 
 @pytest.mark.parametrize("pair, kwargs, message", [
@@ -239,7 +241,7 @@ def test_bad_inputs_are_refused_before_any_compute(ids, mask, message, monkeypat
 def test_bad_models_and_settings_are_refused(pair, kwargs, message):
     large, small = pair(*copy.deepcopy(model_pair("disagree")))
     with pytest.raises(ValueError, match=message):
-        bild.generate_batch(large, small, torch.tensor([[3, 4]]), **kwargs)
+        generate_batch(large, small, torch.tensor([[3, 4]]), **kwargs)
 
 
 def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch):
@@ -253,7 +255,7 @@ def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch
     monkeypatch.setattr(ragged, "decode", recorded)
     large, small = model_pair("disagree")
     sources = [random_source(seed)[0] for seed in range(6)]
-    results = bild.generate_batch(large, small, *padded(sources), rollback_threshold=2.0, max_small_steps=4,
+    results = generate_batch(large, small, *padded(sources), rollback_threshold=2.0, max_small_steps=4,
                                   max_new_tokens=16)
     large_calls = [rows for model, rows in calls if model is large]
     assert len(large_calls) == max(result.stats.large_calls for result in results) > 1
@@ -265,7 +267,13 @@ def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch
 
 
 @pytest.mark.parametrize("statement", ["import minibild.batch", "from minibild.batch import right_pad",
-                                       "from minibild.bild import generate_batch", "import minibild.ragged"])
+                                       "from minibild.batch import generate_batch", "import minibild.ragged"])
 def test_any_import_order_works(statement):
-    """bild re-exports batch's generate_batch, and batch takes bild's decisions: neither may be imported half-done."""
     subprocess.run([sys.executable, "-c", statement], check=True)
+
+
+def test_bild_imports_none_of_the_modules_built_on_it():
+    """batch.py, sampling.py and official.py take bild's decisions; bild.py imports none of them (no import circle)."""
+    tree = ast.parse(Path(bild.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported & {"batch", "sampling", "official"} == set(), imported

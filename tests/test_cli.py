@@ -107,7 +107,7 @@ def test_every_mode_runs_and_trace_goes_to_stderr(capsys):
 
 
 def test_sampling_in_every_mode_is_seeded(capsys):
-    """--temperature > 0 samples (bild.sample in the bild and speculative modes, minibild.sample in the others),
+    """--temperature > 0 samples (bild_sample in the bild and speculative modes, minibild.sample in the others),
     each input with a generator seeded with --seed: the same seed gives the same line, wherever the input sits."""
     text = "Y dijo Dios: Sea la luz."
     for mode in ("bild", "speculative", "large", "small"):

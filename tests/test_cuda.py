@@ -11,7 +11,7 @@ from tiny_models import sharp_random_t5
 
 import minibild
 from minibild import bild, greedy
-from minibild.batch import right_pad
+from minibild.batch import generate_batch, right_pad
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_report.sh)")
 CUDA = torch.device("cuda")
@@ -96,7 +96,7 @@ def test_generate_batch_on_cuda_equals_bild_on_cpu():
     for fallback, rollback in [(0.6, 0.0), (0.6, 5.0), (0.9, 1.0)]:
         settings = dict(fallback_threshold=fallback, rollback_threshold=rollback, max_small_steps=4,
                         max_new_tokens=20)
-        results = bild.generate_batch(*gpu, *right_pad(sources, 0, CUDA), **settings)
+        results = generate_batch(*gpu, *right_pad(sources, 0, CUDA), **settings)
         assert [decisions(r) for r in results] == [decisions(bild.generate(*cpu, src[None], **settings))
                                                    for src in sources]
         rollbacks += sum(r.stats.rollbacks for r in results)

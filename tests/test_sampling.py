@@ -1,6 +1,6 @@
-"""Tests for minibild/sampling.py: bild.sample is distributed exactly as the large model's ancestral sampling.
+"""Tests for minibild/sampling.py: bild_sample is distributed exactly as the large model's ancestral sampling.
 
-The exact tests enumerate every outcome of every random draw bild.sample makes (draft tokens, acceptances,
+The exact tests enumerate every outcome of every random draw bild_sample makes (draft tokens, acceptances,
 residual and beyond tokens), each with the probability the implementation's own decisions give it (sampling.py's
 accept_probability and residual, through its draws object), by running the real loop once per path of draws. The
 probability of each complete output is then compared with the large model's own, the product of p over the
@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import minibild
 from minibild import bild, sampling
+from minibild.sampling import bild_sample
 from minibild.trace import SampledLargeStep, SampledSmallStep
 from tiny_models import EOS, random_t5
 
@@ -115,8 +116,8 @@ def distance(a: dict, b: dict) -> float:
 
 
 def bild_paths(large, small, temperature, fallback_threshold, max_small_steps, max_new_tokens, src=SRC):
-    """Every path of bild.sample, [(probability, BiLDResult)]."""
-    return enumerate_paths(lambda draws: bild.sample(
+    """Every path of bild_sample, [(probability, BiLDResult)]."""
+    return enumerate_paths(lambda draws: bild_sample(
         large, small, src, temperature=temperature, fallback_threshold=fallback_threshold,
         max_small_steps=max_small_steps, max_new_tokens=max_new_tokens, draws=draws))
 
@@ -269,7 +270,7 @@ def empirical(samples) -> dict:
 
 
 def test_seeded_samples_follow_the_large_distribution():
-    """2000 samples each from bild.sample and minibild.sample on two pairs, 13 possible outputs each: each of the
+    """2000 samples each from bild_sample and minibild.sample on two pairs, 13 possible outputs each: each of the
     four comparisons fails a correct sampler with probability below 1e-6 by the bound above (0.151 in L1), all
     four below 4e-6, and the seeds are fixed, so the outcome is too. The small model's own samples (0.65 and 0.25
     from the large distribution in L1) fail the same test: it tells a wrong distribution from the right one."""
@@ -280,7 +281,7 @@ def test_seeded_samples_follow_the_large_distribution():
         bound = l1_bound(len(expected), n, 1e-6)
         generator = torch.Generator().manual_seed(seed)
         samplers = {
-            "bild.sample": lambda: bild.sample(large, small, SRC, temperature=temperature,
+            "bild_sample": lambda: bild_sample(large, small, SRC, temperature=temperature,
                                                fallback_threshold=fallback_threshold, max_small_steps=N,
                                                max_new_tokens=max_new_tokens, generator=generator).tokens,
             "minibild.sample": lambda: minibild.sample(large, SRC, temperature=temperature,
@@ -288,7 +289,7 @@ def test_seeded_samples_follow_the_large_distribution():
             "the small model": lambda: minibild.sample(small, SRC, temperature=temperature,
                                                        max_new_tokens=max_new_tokens, generator=generator)}
         l1 = {name: 2 * distance(empirical([draw() for _ in range(n)]), expected) for name, draw in samplers.items()}
-        assert l1["bild.sample"] < bound and l1["minibild.sample"] < bound, (l1, bound)
+        assert l1["bild_sample"] < bound and l1["minibild.sample"] < bound, (l1, bound)
         assert l1["the small model"] > bound, (l1, bound)
 
 
@@ -309,7 +310,7 @@ def test_same_seed_same_output_and_trace():
     src = torch.tensor([[2, 3, 4, 2]])
 
     def run(seed):
-        return bild.sample(large, small, src, temperature=1.0, fallback_threshold=0.3, max_small_steps=3,
+        return bild_sample(large, small, src, temperature=1.0, fallback_threshold=0.3, max_small_steps=3,
                            max_new_tokens=12, generator=torch.Generator().manual_seed(seed))
 
     first, again = run(7), run(7)
@@ -317,9 +318,9 @@ def test_same_seed_same_output_and_trace():
     assert bild.trace_to_jsonl(first.trace) == bild.trace_to_jsonl(again.trace)
     assert len({tuple(run(seed).tokens) for seed in range(8)}) > 1  # the seed matters
     torch.manual_seed(3)
-    default = bild.sample(large, small, src, temperature=1.0, max_new_tokens=12).tokens
+    default = bild_sample(large, small, src, temperature=1.0, max_new_tokens=12).tokens
     torch.manual_seed(3)
-    assert bild.sample(large, small, src, temperature=1.0, max_new_tokens=12).tokens == default
+    assert bild_sample(large, small, src, temperature=1.0, max_new_tokens=12).tokens == default
     sampled = minibild.sample(large, src, temperature=1.0, max_new_tokens=12,
                               generator=torch.Generator().manual_seed(7))
     assert sampled == minibild.sample(large, src, temperature=1.0, max_new_tokens=12,
@@ -328,7 +329,7 @@ def test_same_seed_same_output_and_trace():
 
 def test_trace_records_draws_and_round_trips():
     large, small = pair(0, 5)
-    result = bild.sample(large, small, torch.tensor([[2, 3, 4, 2]]), temperature=1.0, fallback_threshold=0.3,
+    result = bild_sample(large, small, torch.tensor([[2, 3, 4, 2]]), temperature=1.0, fallback_threshold=0.3,
                          max_small_steps=3, max_new_tokens=12, generator=torch.Generator().manual_seed(1))
     trace = result.trace
     assert all(isinstance(step, (SampledSmallStep, SampledLargeStep)) for step in trace)
@@ -366,7 +367,7 @@ def test_probabilities_in_float32_at_least():
 def test_bad_temperatures_are_refused(temperature, message):
     large, small = pair(0)
     with pytest.raises(ValueError, match=message):
-        bild.sample(large, small, SRC, temperature=temperature)
+        bild_sample(large, small, SRC, temperature=temperature)
     with pytest.raises(ValueError, match=message.replace("bild.generate", "minibild.greedy")):
         minibild.sample(large, SRC, temperature=temperature)
 
@@ -374,12 +375,12 @@ def test_bad_temperatures_are_refused(temperature, message):
 def test_bad_arguments_are_refused():
     large, small = pair(0)
     with pytest.raises(ValueError, match="generator must be a CPU torch.Generator"):
-        bild.sample(large, small, SRC, temperature=1.0, generator=5)
+        bild_sample(large, small, SRC, temperature=1.0, generator=5)
     with pytest.raises(ValueError, match="fallback_threshold must be >= 0, got -0.5"):
-        bild.sample(large, small, SRC, temperature=1.0, fallback_threshold=-0.5)
+        bild_sample(large, small, SRC, temperature=1.0, fallback_threshold=-0.5)
     with pytest.raises(ValueError, match="max_small_steps must be an integer >= 1, got 0"):
-        bild.sample(large, small, SRC, temperature=1.0, max_small_steps=0)
+        bild_sample(large, small, SRC, temperature=1.0, max_small_steps=0)
     with pytest.raises(ValueError, match=r"input_ids must have shape \(1, S\)"):
         minibild.sample(large, torch.tensor([[2, 3], [2, 3]]), temperature=1.0)
     with pytest.raises(ValueError, match="the small model is in training mode"):
-        bild.sample(large, copy.deepcopy(small).train(), SRC, temperature=1.0)
+        bild_sample(large, copy.deepcopy(small).train(), SRC, temperature=1.0)
