@@ -63,6 +63,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 # The rule is bound here, at import: the diff holds minibild's reading of the policy whatever a caller patches.
+from . import official
 from .bild import decide_large, decide_small, ended
 from .trace import LargeStep, SampledLargeStep, SampledSmallStep, SmallStep, TraceError, TraceHeader, read_records
 
@@ -158,13 +159,15 @@ class Replay:
         self.previous, self.discarded, self.k = None, None, -1
         self.official: list[Finding] = []
         self.unverified_end = None  # a small "end" where bild says "handover": an official label if nothing follows
+        self.decided = []  # for each token of y, the large call that kept it (see apply)
+        self.tail_from = None  # D2, D2c: y[tail_from:] was never verified
 
     def step(self, k: int, step) -> Finding | None:
         self.k, previous, s = k, self.previous, self.s
         if self.rule == "official" and isinstance(step, SAMPLED):
             raise Unusable("the official rule is greedy decoding: a sampled trace has no official counterpart")
         if not self.y:
-            self.y = [step.fed[0]]  # the decoder-start token: the first call feeds it
+            self.y, self.decided = [step.fed[0]], [None]  # the decoder-start token: the first call feeds it
             if s and s.decoder_start_token_id is not None and step.fed[0] != s.decoder_start_token_id:
                 return Finding("policy", k, f"the first call feeds {step.fed[0]}, not the decoder-start token "
                                             f"{s.decoder_start_token_id}")
@@ -219,14 +222,12 @@ class Replay:
         s, y = self.s, self.y
         sampled = isinstance(step, SampledSmallStep)
         if s:
-            rule = decide_small(y.copy(), self.verified, step.start, step.fed, step.token, _confidence(step),
-                                s.fallback_threshold, s.max_small_steps, s.eos_token_id, s.max_new_tokens)
-            official_end = rule.decision == "handover" and step.decision == "end" and \
-                ended(y + [step.token], s.eos_token_id, s.max_new_tokens)
-            if self.rule == "official" and rule.decision == "handover" and \
+            decide = official.decide_small if self.rule == "official" else decide_small
+            rule = decide(y.copy(), self.verified, step.start, step.fed, step.token, _confidence(step),
+                          s.fallback_threshold, s.max_small_steps, s.eos_token_id, s.max_new_tokens)
+            if self.rule == "bild" and (rule.decision, step.decision) == ("handover", "end") and \
                     ended(y + [step.token], s.eos_token_id, s.max_new_tokens):
-                rule.decision = "end"  # D2, D2c: it stops there, so its trace says end
-            elif official_end:  # the official label; an error if the trace goes on (step reports it)
+                # The official code's label where it stops (D2, D2c): an error only if the trace goes on.
                 self.unverified_end = Finding("policy", k, _small_rule(step, rule, s))
                 rule.decision = "end"
             if rule.decision != step.decision:
@@ -239,7 +240,7 @@ class Replay:
         else:
             self.discarded = None
             self.held["small"] = (step.start + len(step.fed),) * 2
-            y.append(step.token)
+        apply(y, step, self.decided, k)
         self.previous = step
         return None
 
@@ -258,10 +259,7 @@ class Replay:
             if found:
                 return found
         self.discarded = None
-        if step.decision == "rollback":
-            del y[step.rollback_at:]
-        if step.appended is not None:
-            y.append(step.appended)
+        apply(y, step, self.decided, k)
         self.verified = len(y)
         large = step.start + len(step.fed)
         if step.decision == "rollback":  # both caches keep y[:rollback_at] at most (the official: the large one less)
@@ -283,7 +281,7 @@ class Replay:
             return _sampled_rule(k, step, y, verified, s)
         ours = decide_large(y.copy(), verified, step.start, step.fed, step.argmax, step.cross_entropy,
                             s.rollback_threshold, s.eos_token_id, s.max_new_tokens)
-        theirs = official_decide_large(y.copy(), verified, step.start, step.fed, step.argmax, step.cross_entropy,
+        theirs = official.decide_large(y.copy(), step.start, step.fed, step.argmax, step.cross_entropy,
                                        s.rollback_threshold, s.max_new_tokens)
         rule = theirs if self.rule == "official" else ours
         made = (step.decision, step.rollback_at, step.appended)
@@ -315,6 +313,7 @@ class Replay:
             tail = "EOS" if y[-1] == s.eos_token_id else "the cap"
             if self.rule == "official":
                 return None
+            self.tail_from = self.verified
             self._name(k, "D2" if tail == "EOS" else "D2c",
                        f"the trace stops after the small model reached {tail}, with y[{self.verified}:] = "
                        f"{y[self.verified:]} never seen by the large model (minibild verifies the tail)")
@@ -322,14 +321,46 @@ class Replay:
         return Finding("length", k, f"the trace stops before the output is complete: y = {y[1:]}")
 
 
-def official_decide_large(y: list[int], verified: int, start: int, fed: list[int], argmax: list[int],
-                          cross_entropy: list[float], rollback_threshold: float, max_new_tokens: int) -> LargeStep:
-    """The official implementation's large-call rule on a call's numbers, applied to y in place: only the first
-    pending token above the rollback threshold is examined (D1), and no EOS check before the token beyond."""
-    above = [i for i, ce in enumerate(cross_entropy) if ce > rollback_threshold]
-    examined = bool(above) and argmax[above[0]] != y[verified + above[0]]
-    return decide_large(y, verified, start, fed, argmax, cross_entropy,
-                        rollback_threshold if examined else math.inf, None, max_new_tokens)
+def apply(y: list[int], step, decided: list, k: int):
+    """Call k's effect on y, and on decided: for each token of y, the large call that accepted or appended it
+    (None while it is pending)."""
+    if step.model == "small":
+        if step.decision != "fallback":
+            y.append(step.token)
+            decided.append(None)
+        return
+    for i in range(step.start + 1, min(step.rollback_at or len(y), len(y))):  # the pending tokens it keeps
+        if decided[i] is None:
+            decided[i] = k
+    if step.decision == "rollback":
+        del y[step.rollback_at:], decided[step.rollback_at:]
+    if step.appended is not None:
+        y.append(step.appended)
+        decided.append(k)
+
+
+def output_difference(expected_y: list[int], replay: Replay) -> str:
+    """Where ACTUAL's output first differs from EXPECTED's, and which named official difference made that token."""
+    y = replay.y
+    if expected_y == y:
+        return f"output: the same {len(y) - 1} tokens"
+    p = next((i for i, (x, z) in enumerate(zip(expected_y, y)) if x != z), min(len(expected_y), len(y)))
+    shown = lambda ys: ys[p] if p < len(ys) else "(none)"  # noqa: E731
+    text = f"output: first differs at token {p}: expected {shown(expected_y)}, actual {shown(y)}"
+    named = [f for f in replay.official if not f.why.startswith("re-feed")]
+    if not named:
+        return text
+    if p >= len(y) or (replay.tail_from is not None and p >= replay.tail_from):
+        tail = next((f for f in named if f.why.startswith(("D2:", "D2c:"))), None)
+        if tail:
+            return f"{text}, in the tail left unverified ({tail.why.split(':')[0]})"
+    c = replay.decided[p] if p < len(y) and replay.decided[p] is not None else replay.k
+    here = sorted((f for f in named if f.step == c), key=lambda f: f.why.startswith("D3"))  # the EOS defect first
+    by = next(iter(here), None) or next((f for f in reversed(named) if f.step < c), None)
+    if by is None:
+        return f"{text}: decided by call {c + 1}, which no named difference explains"
+    how = "decided there by" if by.step == c else f"decided by call {c + 1}, in the phases as shifted by"
+    return f"{text}, {how} {by.why.split(':')[0]} at call {by.step + 1}"
 
 
 def _sampled_rule(k: int, step: SampledLargeStep, y: list[int], verified: int, s: Settings) -> Finding | None:
@@ -626,23 +657,25 @@ def diff(expected, actual, settings: Settings | None = None, logits=None, tolera
     logits = iter(logits) if logits is not None else None
     actual_logits = iter(actual_logits) if actual_logits is not None else None
     divergence = own = pair = margins = logit_note = None
-    counts, k = [0, 0], -1
+    counts, k, expected_y = [0, 0], -1, []
     while own is None:
         k += 1
         reading = divergence is None or agreeing  # EXPECTED: up to the divergence, and on while the calls agree
-        e = next(expected, None) if reading else None
-        a = next(actual, None)
+        e, a = next(expected, None), next(actual, None)
         if e is None and a is None:
             break
         counts[0] += e is not None
         counts[1] += a is not None
-        le = next(logits, None) if logits is not None and e is not None else None
+        le = next(logits, None) if logits is not None and e is not None and reading else None
         la = next(actual_logits, None) if actual_logits is not None and divergence is None and a is not None else None
         if e is not None and a is not None and isinstance(e, SAMPLED) != isinstance(a, SAMPLED):
             raise Unusable(f"EXPECTED's call {k + 1} is {'sampled' if isinstance(e, SAMPLED) else 'greedy'}, "
                            f"ACTUAL's {'sampled' if isinstance(a, SAMPLED) else 'greedy'}: compare traces of one kind")
-        if le is not None or logits is not None and e is not None:
+        if le is not None or logits is not None and e is not None and reading:
             _check_logits_record(le, e, k, "EXPECTED", logits)
+        if e is not None:  # EXPECTED's output, to say where ACTUAL's differs
+            expected_y = expected_y or [e.fed[0]]
+            apply(expected_y, e, [None] * len(expected_y), k)
         if la is not None or actual_logits is not None and divergence is None and a is not None:
             _check_logits_record(la, a, k, "ACTUAL", actual_logits)
         if a is not None:
@@ -664,10 +697,12 @@ def diff(expected, actual, settings: Settings | None = None, logits=None, tolera
             if extra is not None and divergence is None and next(extra, None) is not None:
                 where = getattr(extra, "where", f"the logits of {name}")
                 raise Unusable(f"{where}: more records than {name} has calls: give the logits file of the same trace")
+    output = None
     if own is None and counts[1]:
         own = replay.end()
+        output = output_difference(expected_y, replay) if divergence is not None else None
     expected_calls, actual_calls = counts
-    notes = []
+    notes = [output] if output else []
     if settings is None:
         notes.append("policy not checked: no header and no --case gives the settings")
     if actual_logits is not None:

@@ -6,15 +6,14 @@ import json
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from minibild import bild
 from minibild.conformance import CASES, load_pair, run_case
 from minibild.diff import main
+from minibild.sampling import bild_sample
 from minibild.trace import TraceHeader, read_records, trace_from_jsonl, trace_to_jsonl
 
 SUITE = Path(__file__).resolve().parents[1] / "conformance"
@@ -116,7 +115,7 @@ def test_headers_and_case_must_agree(tmp_path, capsys):
 def sampled(tmp_path, seed: int, name="sampled") -> Path:
     large, small = load_pair(SUITE, "v1.1", torch.float64)
     settings = dict(fallback_threshold=0.3, max_small_steps=3, max_new_tokens=12)
-    result = bild.sample(large, small, torch.tensor([[3, 19, 13, 31, 9, 60, 43, 1]]), temperature=1.0,
+    result = bild_sample(large, small, torch.tensor([[3, 19, 13, 31, 9, 60, 43, 1]]), temperature=1.0,
                          generator=torch.Generator().manual_seed(seed), **settings)
     header = TraceHeader.of(large, small, rollback_threshold=None, temperature=1.0, **settings)
     path = tmp_path / f"{name}.{seed}.jsonl"
@@ -249,14 +248,14 @@ def test_a_100_mb_trace_gets_a_verdict_in_seconds_in_bounded_memory(tmp_path):
     text, big = BASE.read_text(), tmp_path / "big.jsonl"
     with open(big, "w") as f:
         f.write(text * (100_000_000 // len(text) + 1))
-    code = ("import resource, sys\nfrom minibild.diff import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:"
-            "\n    code = e.code\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-    began = time.monotonic()
+    code = ("import resource, sys\nfrom minibild.diff import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            "    pass\nuse = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "print(use.ru_utime + use.ru_stime, use.ru_maxrss, file=sys.stderr)")
     run = subprocess.run([sys.executable, "-c", code, str(big), str(big)], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    seconds, kilobytes = time.monotonic() - began, int(run.stderr.split()[-1])
+                         cwd=ROOT, timeout=600)
+    seconds, kilobytes = float(run.stderr.split()[-2]), int(run.stderr.split()[-1])  # CPU time: the machine is shared
     assert run.stdout.startswith("cache error at call 30"), run.stdout
-    assert seconds < 60 and kilobytes < 600_000, (seconds, kilobytes)
+    assert seconds < 30 and kilobytes < 600_000, (seconds, kilobytes)
 
 
 # --- ACTUAL's own logits, and the layer-norm hint ---------------------------------------------------------------
