@@ -47,11 +47,17 @@ Classifications of the first divergence:
   unclassified  an argmax differs and neither --logits nor the trace's probabilities bound EXPECTED's margin
             there above the tolerance.
 
-A cache or policy error at or before the first divergence wins: it is a bug whatever the numbers. With ACTUAL's own
+A cache or policy error at or before the first divergence wins: it is a bug whatever the numbers. When the traces
+differ, the report ends with where the outputs first differ and, if ACTUAL departs as the official code does, which
+named difference decided that token (the large call that kept or appended it, or the unverified tail); D3 fires
+at every rollback, so this tells the one that changed the output from those that only cost calls. With ACTUAL's own
 logits file too (--logits EXPECTED_LOGITS ACTUAL_LOGITS, records as in logits.DTYPE.jsonl), the report names the
-first call and position whose top logits differ by more than the tolerance, with the largest difference there.
+first call and position whose top logits (ids both files list) differ by more than the tolerance, with the largest
+difference there.
 
-Traces are read a line at a time, side by side: memory stays bounded whatever the files' size.
+Traces are read a line at a time, side by side, and checked against trace.py's schema as they are read: memory
+stays bounded whatever the files' size. Once ACTUAL's own first error is found the verdict is known, and the lines
+after it are counted, not read.
 """
 import argparse
 import json
@@ -59,10 +65,10 @@ import math
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import zip_longest
 from pathlib import Path
 
-# The rule is bound here, at import: the diff holds minibild's reading of the policy whatever a caller patches.
+# bild's rule is bound here, at import: the diff holds minibild's reading of the policy whatever a caller patches
+# (official.py's rule looks bild.decide_large and bild.decide_small up when it runs).
 from . import official
 from .bild import decide_large, decide_small, ended
 from .trace import LargeStep, SampledLargeStep, SampledSmallStep, SmallStep, TraceError, TraceHeader, read_records
@@ -134,17 +140,6 @@ def decisions(step) -> tuple:
     return step.model, step.start, step.fed, step.argmax, step.decision, step.rollback_at, step.appended
 
 
-def check(trace, settings: Settings | None = None, rule: str = "bild") -> Finding | None:
-    """The first call where `trace` alone breaks the cache rule or, given settings, the rule's policy (an
-    official difference too, under rule bild); None if none."""
-    replay = Replay(settings, rule)
-    for k, step in enumerate(trace):
-        found = replay.step(k, step)
-        if found or replay.official:
-            return found or replay.official[0]
-    return replay.end() or (replay.official[0] if replay.official else None)
-
-
 class Replay:
     """ACTUAL replayed on its own, one call at a time: y, each model's cache length, the phase. `step` returns the
     first error it finds (then stop); the official differences it passes under rule bild collect in `official`."""
@@ -175,7 +170,8 @@ class Replay:
             return self.unverified_end
         again = step.model == "large" and previous is not None and previous.model == "large" \
             and previous.decision == "rollback"
-        if previous is not None and previous.model == "small" and previous.decision == "end" and self.rule == "official":
+        if self.rule == "official" and previous is not None and previous.model == "small" and \
+                previous.decision == "end":
             return Finding("policy", k, "a call after the official code stopped at the small model's EOS or the cap "
                                         "(D2, D2c: it never verifies that tail)")
         if s and k and self.verified == len(self.y) and ended(self.y, s.eos_token_id, s.max_new_tokens) \
@@ -207,7 +203,8 @@ class Replay:
             raise Unusable(f"ACTUAL's call {k + 1} (small @{step.start}) starts where the large model's cache ends, "
                            "as an early-exit small model sharing the large model's cache does: whether it is one "
                            "decides if that is right, and neither a trace header nor --case gives exit_layer")
-        if (step.start, step.fed) == (other, y[other:]) and self.rule == "bild" and not (self.s and self.s.shared_cache):
+        if (step.start, step.fed) == (other, y[other:]) and self.rule == "bild" and \
+                not (self.s and self.s.shared_cache):
             if step.model == "small":  # the official re-feed: a fallen-back call's entries were dropped
                 self._name(k, "re-feed", f"the small model fed {_positions(step.start, n)} again, which its "
                                          "fallen-back call had computed (wasted work, not a cache error)")
