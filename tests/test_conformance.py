@@ -239,13 +239,14 @@ def append_after_eos(y, verified, start, fed, argmax, cross_entropy, rollback_th
 BUGS = {
     "crop off by one": ("cache", "skips position", {}),
     "small cache not cropped": ("cache", "skips position", {}),
-    "EOS tail unverified": ("policy", "tail left unverified", {}),
-    "official rule": ("policy", "official rule", {"decide_large": official_rule}),
+    "EOS tail unverified": ("official", "D2: ", {}),
+    "official rule": ("official", "D1: official rule", {"decide_large": official_rule}),
     "fallback token kept": ("policy", "fallback token kept", {}),
     "fallback at the threshold": ("policy", "not below the threshold", {"decide_small": fallback_at_the_threshold}),
     "end before handover": ("policy", "decision is handover", {"decide_small": end_before_handover}),
     "token appended after EOS": ("policy", "appended after EOS", {"decide_large": append_after_eos}),
-    "large model again after a rollback": ("policy", "ran again right after its rollback", {}),
+    "large model again after a rollback": ("official", "D3: the large model ran again right after its rollback",
+                                           {}),
 }
 
 
@@ -260,7 +261,8 @@ def test_planted_bugs_are_caught_and_classified(bug, monkeypatch):
         report = diff(trace, port(*load_pair(SUITE, case.pair, torch.float64), case, bug), settings, logits,
                       TOLERANCE["float64"])
         if not report.equivalent:
-            assert (report.finding.kind, reason in report.finding.why) == (kind, True), f"{case.name}:\n{report}"
+            finding = report.finding or report.official[0]
+            assert (finding.kind, reason in finding.why) == (kind, True), f"{case.name}:\n{report}"
             caught.append(case.name)
     assert bool(caught) == (bug is not None), caught
 
@@ -398,7 +400,7 @@ def test_the_command_line(tmp_path, capsys):
     assert f"first divergent call: {len(trace)}" in out and "cache error" in out
     with pytest.raises(SystemExit) as exit:
         main([args[0], str(folder / "case.json")])
-    assert exit.value.code == 2 and "case.json is not a BiLD trace" in capsys.readouterr().err
+    assert exit.value.code == 2 and "case.json, line 1: not JSON" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pair", PAIRS)
