@@ -224,10 +224,13 @@ class Decoder(nn.Module):
 class KVCache:
     """The decoder's state for one batch of sources.
 
-    Self-attention keys/values sit in buffers preallocated for `max_length` positions; only the first
-    `length` are valid, so crop(n) is O(1) and later decoding simply overwrites the dropped positions.
+    Self-attention keys/values sit in buffers of `capacity` positions; only the first `length` are valid, so
+    crop(n) is O(1) and later decoding simply overwrites the dropped positions. A write past the capacity doubles
+    it (amortized O(1) per position) up to `max_length`, the most positions the cache accepts, so a generous
+    max_length costs no memory until it is used. Unwritten positions hold zeros, never garbage.
     Cross-attention keys/values are computed once from the encoder output and never change.
     """
+    initial_capacity = 64  # positions allocated up front (at most max_length)
     packed = None  # the decoder's tokens come as (B, T, d_model); batched BiLD's ragged.RaggedCall packs them
 
     def __init__(self, cross_keys, cross_values, cross_bias, max_length: int):
@@ -235,10 +238,24 @@ class KVCache:
         like = cross_keys[0]
         self.cross_keys, self.cross_values = cross_keys, cross_values  # per layer (B, H, S, D)
         self.cross_bias = cross_bias  # (B, 1, 1, S): 0 for source tokens, -inf-like for padding
-        self.keys = [like.new_empty(B, H, max_length, D) for _ in cross_keys]  # per layer (B, H, max_length, D)
-        self.values = [like.new_empty(B, H, max_length, D) for _ in cross_keys]
-        self.max_length = max_length
+        self.max_length, self.capacity = max_length, min(max_length, self.initial_capacity)
+        self.keys = [like.new_zeros(B, H, self.capacity, D) for _ in cross_keys]  # per layer (B, H, capacity, D)
+        self.values = [like.new_zeros(B, H, self.capacity, D) for _ in cross_keys]
         self.length = 0  # decoder positions held by every layer
+
+    def reserve(self, end: int):
+        """Make room for positions up to end - 1: double the capacity (at least to end), at most max_length."""
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds at most {self.max_length} decoder positions, asked for {end}: "
+                             "make the cache with a larger max_length")
+        if end > self.capacity:
+            self.capacity = min(self.max_length, max(end, 2 * self.capacity))
+
+            def grown(buffer):  # (B, H, capacity, D), the old positions copied, the new ones zero
+                new = buffer.new_zeros(*buffer.shape[:2], self.capacity, buffer.shape[3])
+                new[:, :, :buffer.shape[2]] = buffer
+                return new
+            self.keys, self.values = list(map(grown, self.keys)), list(map(grown, self.values))
 
     def positions(self, start: int, T: int):
         """Where T queries fed at start sit, (T,), and how many keys they see: start + T."""
@@ -247,9 +264,7 @@ class KVCache:
     def update(self, layer: int, start: int, k, v):
         """Write keys/values of positions start.. ; return the layer's keys/values up to the last one."""
         end = start + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KVCache holds at most {self.max_length} decoder positions, asked for {end}: "
-                             "make the cache with a larger max_length")
+        self.reserve(end)
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

@@ -269,3 +269,31 @@ def test_schedule_one_large_call_per_round_over_every_unfinished_row(monkeypatch
 def test_any_import_order_works(statement):
     """bild re-exports batch's generate_batch, and batch takes bild's decisions: neither may be imported half-done."""
     subprocess.run([sys.executable, "-c", statement], check=True)
+
+
+def test_caches_grow_as_they_fill(monkeypatch):
+    """A cache allocates KVCache.initial_capacity positions, whatever its max_length, and doubles as decoding writes
+    past them: a large max_new_tokens costs no memory until it is used (batch 2 with --max-new-tokens 20000 took
+    1.9 GB). Growing from capacity 1 (at every power of 2) changes no output of greedy, BiLD, batched BiLD or
+    early-exit BiLD, whose caches (KVCache, RaggedKVCache, EarlyExitCache) all grow."""
+    large, small = model_pair("disagree", 1)
+    sources = [random_source(seed)[0] for seed in range(3)]
+    ids, mask = padded(sources)
+    early_exit = minibild.EarlyExit(large, 1)
+    encoded = large.encode(ids, mask)
+    assert large.new_cache(encoded, mask, max_length=20000).keys[0].shape[2] == 64
+    assert ragged.RaggedKVCache(large.new_cache(encoded, mask, max_length=20000)).kv.values[0].shape[2] == 64
+    _, shared, _ = early_exit.share_cache(sources[0][None], max_length=20000)
+    assert shared.kv.keys[0].shape[2] == shared.exit_hidden.shape[1] == shared.exit_ids.shape[1] == 64
+
+    def outputs():
+        settings = dict(fallback_threshold=0.5, rollback_threshold=1.0, max_small_steps=3, max_new_tokens=24)
+        return (minibild.greedy(large, ids, 24, mask),
+                [bild.generate(large, small, source[None], **settings).tokens for source in sources],
+                [result.tokens for result in bild.generate_batch(large, small, ids, mask, **settings)],
+                [bild.generate(large, early_exit, source[None], **settings).tokens for source in sources])
+
+    expected = outputs()
+    assert max(len(tokens) for tokens in expected[0]) == 24
+    monkeypatch.setattr(minibild.model.KVCache, "initial_capacity", 1)
+    assert outputs() == expected

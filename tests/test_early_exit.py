@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from minibild import EarlyExit, T5, T5Config
 from minibild.bild import generate
+from minibild.generate import greedy as minibild_greedy
 from test_bild import one_thread  # noqa: F401 (an autouse fixture: one torch thread for tiny models)
 from test_bild import (ALL_PATHS, EOS, SETTINGS, assert_reached, checked_generate, large_greedy, lengths, paths,
                        random_t5, sources)
@@ -202,3 +203,19 @@ def test_training_loss_includes_the_early_exit_model():
     exit_loss = torch.nn.functional.cross_entropy(separate(batch["input_ids"], batch["decoder_input_ids"])[0],
                                                   batch["labels"][0])
     torch.testing.assert_close(both, plain + 0.5 * exit_loss, rtol=1e-12, atol=1e-12)
+
+
+def test_greedy_decodes_a_batch_with_an_early_exit_model():
+    """minibild.greedy drops a finished row from the cache (keep_rows): the early-exit model's cache drops it from
+    the first layers' keys/values, outputs and ids alike, and every row is what the truncated model gives alone."""
+    from minibild.batch import right_pad
+    from tiny_models import PAD, random_source
+
+    sources = [random_source(seed)[0] for seed in range(8)]
+    ids, mask = right_pad([s.tolist() for s in sources], PAD)
+    for seed, k in ((0, 3), (1, 3), (2, 2), (3, 1)):  # the exits whose rows end at different steps
+        large = large_model(seed)
+        separate = truncated_copy(large, k)
+        alone = [minibild_greedy(separate, source[None], 24)[0] for source in sources]
+        assert len({len(tokens) for tokens in alone}) > 1, "rows must finish at different steps"
+        assert minibild_greedy(EarlyExit(large, k), ids, 24, mask) == alone
