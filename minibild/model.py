@@ -296,6 +296,33 @@ def check_ids(name: str, ids, vocab_size: int | None = None):
         raise ValueError(f"{name} holds ids outside [0, {vocab_size}): min {ids.min().item()}, max {ids.max().item()}")
 
 
+def check_sources(input_ids, attention_mask=None, vocab_size: int | None = None):
+    """The one check of a batch of sources, for T5.encode, minibild.greedy and bild.generate_batch: input_ids a
+    non-empty integer tensor (B, S) of ids in [0, vocab_size), and attention_mask None (no padding) or a tensor of
+    the same shape holding, in each row, 1s (source tokens) then 0s (padding), at least one 1."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids has no rows: {tuple(input_ids.shape)}; give at least one source")
+    check_ids("input_ids", input_ids, vocab_size)
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a torch tensor of 0s and 1s, shaped as input_ids "
+                         f"{tuple(input_ids.shape)}, got {type(attention_mask).__module__}.{type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected input_ids' "
+                         f"{tuple(input_ids.shape)}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (source tokens)")
+    lengths = attention_mask.long().sum(1)
+    if (lengths == 0).any():
+        row = (lengths == 0).nonzero()[0].item()
+        raise ValueError(f"attention_mask row {row} is all zeros: every row needs at least one source token")
+    right_padded = torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None]
+    if (attention_mask != right_padded).any():
+        row = (attention_mask != right_padded).any(1).nonzero()[0].item()
+        raise ValueError(f"attention_mask row {row} is not right-padded: it must be 1s, then 0s")
+
+
 class T5(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
@@ -307,8 +334,8 @@ class T5(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def encode(self, input_ids, attention_mask=None):
-        """Source ids (B, S), mask 1 for tokens and 0 for padding -> encoder output (B, S, d_model)."""
-        check_ids("input_ids", input_ids, self.config.vocab_size)
+        """Source ids (B, S), right-padded: mask 1 for tokens, then 0 for padding -> encoder output (B, S, d_model)."""
+        check_sources(input_ids, attention_mask, self.config.vocab_size)
         return self.encoder(self.embed(input_ids), self._padding_bias(attention_mask, *input_ids.shape))
 
     def _padding_bias(self, attention_mask, batch: int, length: int):
