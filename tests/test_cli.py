@@ -12,6 +12,7 @@ import torch
 import minibild
 from minibild import bild
 from minibild.__main__ import main
+from minibild.modes import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE, SMALL = ROOT / "weights" / "large", ROOT / "weights" / "small"
@@ -50,7 +51,8 @@ def test_translates_a_known_sentence_sensibly(capsys):
 
 @pytest.mark.parametrize("mode", ["large", "small"])
 def test_the_kjv_pair_modernizes_a_known_verse(capsys, mode):
-    status, out, _ = run_cli(capsys, "--large", str(KJV / "large"), "--small", str(KJV / "small"), "--mode", mode,
+    model = ["--small", str(KJV / "small")] if mode == "small" else []
+    status, out, _ = run_cli(capsys, "--large", str(KJV / "large"), *model, "--mode", mode,
                              "And God said, Let there be light: and there was light.")
     assert status == 0 and out.startswith("God said, “Let there be light"), out  # the WEB's wording
 
@@ -161,6 +163,34 @@ def test_bad_input_gives_a_clear_error(capsys, args, message):
         pytest.skip("this machine has CUDA")
     status, out, err = run_cli(capsys, *args)
     assert status == 2 and out == "" and message in err and err.startswith("minibild: error:")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "speculative", "--fallback-threshold", "0.9"], "--fallback-threshold has no effect in --mode "
+                                                               "speculative (it uses max_small_steps, small_model)"),
+    (["--mode", "speculative", "--rollback-threshold", "2"], "--rollback-threshold has no effect in --mode speculative"),
+    (["--mode", "large", "--small", "/nonexistent"], "--small has no effect in --mode large"),
+    (["--mode", "large", "--exit-layer", "2"], "--exit-layer has no effect in --mode large"),
+    (["--mode", "large", "--max-small-steps", "3"], "--max-small-steps has no effect in --mode large"),
+    (["--mode", "small", "--fallback-threshold", "0.9"], "--fallback-threshold has no effect in --mode small"),
+    (["--mode", "large", "--seed", "5"], "--seed seeds sampling, and --mode large decodes greedily"),
+    (["--seed", "5"], "--seed seeds sampling, and --mode bild decodes greedily"),
+    (["--mode", "speculative", "--temperature", "0.7", "--fallback-threshold", "0.3"],
+     "--fallback-threshold has no effect in --mode speculative"),
+])
+def test_a_setting_the_mode_does_not_use_is_refused(capsys, args, message):
+    """Each mode declares the settings it uses (modes.MODES); any other setting given is an error, not ignored."""
+    status, out, err = run_cli(capsys, *args, "Dios es amor.")
+    assert (status, out, err.count("\n")) == (2, "", 1) and err.startswith("minibild: error: " + message), err
+
+
+def test_every_setting_a_mode_declares_is_accepted(capsys):
+    for mode, settings in MODES.items():
+        args = {"fallback_threshold": ["--fallback-threshold", "0.5"], "rollback_threshold": ["--rollback-threshold",
+                "2"], "max_small_steps": ["--max-small-steps", "3"], "small_model": ["--exit-layer", "2"]}
+        given = [arg for setting in settings for arg in args[setting]]
+        status, out, err = run_cli(capsys, "--mode", mode, *given, "--max-new-tokens", "4", "Dios es amor.")
+        assert status == 0 and out.count("\n") == 1, (mode, err)
 
 
 @pytest.mark.parametrize("setting", [["--max-new-tokens", "0"], ["--max-small-steps", "0"],
