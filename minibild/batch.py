@@ -33,6 +33,7 @@ from .bild import (FALLBACK_THRESHOLD, MAX_NEW_TOKENS, MAX_SMALL_STEPS, ROLLBACK
                    check_pair, check_settings, ended, propose, verify)
 from .early_exit import EarlyExit
 from .model import T5, check_sources
+from .observed import Observed
 
 
 @dataclass
@@ -96,7 +97,10 @@ def feed(model: T5, cache: ragged.RaggedKVCache, rows: list[Row], batch: list[in
     them, their logits (T_b, V)), as bild.generate's feed gives them for one row."""
     starts = [cache.lengths[b] for b in batch]
     fed = [rows[b].y[start:] for b, start in zip(batch, starts)]
-    return zip(starts, fed, ragged.decode(model, cache, batch, fed))
+    # An observed model (observed.py) sees the call; ragged.decode runs the model's layers directly.
+    logits = model.decode_rows(cache, batch, fed) if isinstance(model, Observed) else ragged.decode(model, cache,
+                                                                                                  batch, fed)
+    return zip(starts, fed, logits)
 
 
 def right_pad(sources, pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

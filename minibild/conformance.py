@@ -15,7 +15,6 @@ import json
 import math
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .diff import decisions
 from .early_exit import EarlyExit
 from .generate import greedy
 from .model import T5
+from .observed import observed
 from .weights import load, save, save_hf
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -110,34 +110,24 @@ def load_pair(root: Path, pair: str, dtype) -> tuple:
     return large, small
 
 
-@contextmanager
-def recording_logits(*models):
-    """Record the logits (T, V) of every decode call of these models, in call order."""
+def recording_logits(large, small) -> tuple:
+    """(large, small) observed (observed.py): each decode call's logits (T, V) appended to calls, in call order ->
+    (the large model, the small model, calls) to give bild.generate. The models themselves are left untouched."""
     calls = []
 
-    def wrap(model):
-        decode = model.decode
-
-        def recorded(ids, cache):
-            logits = decode(ids, cache)
-            calls.append(logits[0])
-            return logits
-        model.decode = recorded
-
-    for model in models:
-        wrap(model)
-    try:
-        yield calls
-    finally:
-        for model in models:
-            del model.decode
+    def record(call, method, *args):
+        out = method(*args)
+        if call == "decode":
+            calls.append(out[0])
+        return out
+    # An early-exit small model brings its large model's calls (as its shared_large): the large one runs as given.
+    return large if isinstance(small, EarlyExit) else observed(large, record), observed(small, record), calls
 
 
 def run_case(large, small, case: Case) -> tuple[bild.BiLDResult, list[dict]]:
     """bild.generate on the case, and one logits record per model call (see logits_record)."""
-    decoding_large = small.shared_large if isinstance(small, EarlyExit) else large
-    with recording_logits(decoding_large, small) as calls:
-        result = bild.generate(large, small, torch.tensor([case.input_ids]), **case.settings)
+    large, small, calls = recording_logits(large, small)
+    result = bild.generate(large, small, torch.tensor([case.input_ids]), **case.settings)
     return result, [logits_record(step, logits) for step, logits in zip(result.trace, calls)]
 
 

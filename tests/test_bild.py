@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 from collections import Counter
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 import minibild
 from minibild import bild
 from minibild.bild import format_trace, generate, speculative, trace_from_jsonl, trace_to_jsonl
+from minibild.observed import observed
 from tiny_models import (ALL_PATHS, EOS, VOCAB, assert_reached, lengths, model_pair, pair_args, paths, random_t5,
                          seeds, sources, steps)
 
@@ -35,31 +35,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@contextmanager
-def recording(*models):
-    """Record every decode call as (cache, cache.length before, ids fed) and every encode call's model."""
+def recording(large, small):
+    """(large, small) observed (minibild/observed.py): every decode call recorded as (cache, cache.length before,
+    ids fed), every encode call as the model that ran it -> (large, small, decodes, encodes) to give generate. With
+    an early-exit small model the large model is returned as is: it decodes as the small model's shared_large."""
     decodes, encodes = [], []
-    unique = {id(m): m for m in models}.values()
 
-    def wrap(model):
-        decode, encode = model.decode, model.encode
-
-        def recorded_decode(ids, cache):
+    def record(call, method, *args, **kwargs):
+        if call == "encode":
+            encodes.append(method.__self__)
+        else:
+            ids, cache = args
             decodes.append((cache, cache.length, ids[0].tolist()))
-            return decode(ids, cache)
-
-        def recorded_encode(*args, **kwargs):
-            encodes.append(model)
-            return encode(*args, **kwargs)
-        model.decode, model.encode = recorded_decode, recorded_encode
-
-    for model in unique:
-        wrap(model)
-    try:
-        yield decodes, encodes
-    finally:
-        for model in unique:
-            del model.decode, model.encode
+        return method(*args, **kwargs)
+    early_exit = isinstance(small, minibild.EarlyExit)
+    return large if early_exit else observed(large, record), observed(small, record), decodes, encodes
 
 
 def checked_generate(large, small, src, oracle=False, **kwargs):
@@ -68,9 +58,8 @@ def checked_generate(large, small, src, oracle=False, **kwargs):
     # With an early-exit small model, the large model decodes on the shared cache as small.shared_large, and
     # its encoder is the only one that runs.
     early_exit = isinstance(small, minibild.EarlyExit)
-    decoding_large = small.shared_large if early_exit else large
-    with recording(decoding_large, small) as (decodes, encodes):
-        result = generate(large, small, src, **kwargs)
+    observed_large, observed_small, decodes, encodes = recording(large, small)
+    result = generate(observed_large, observed_small, src, **kwargs)
     fallback_threshold = kwargs.get("fallback_threshold", bild.FALLBACK_THRESHOLD)
     rollback_threshold = kwargs.get("rollback_threshold", bild.ROLLBACK_THRESHOLD)
     N = kwargs.get("max_small_steps", bild.MAX_SMALL_STEPS)
@@ -78,7 +67,10 @@ def checked_generate(large, small, src, oracle=False, **kwargs):
     tokens, stats, trace = result.tokens, result.stats, result.trace
 
     # Each encoder once; one decode call per trace step, each on its own model's cache.
-    assert sorted(map(id, encodes)) == sorted(map(id, [decoding_large] if early_exit else [large, small]))
+    if early_exit:
+        assert len(encodes) == 1 and encodes[0].large is large  # the shared large model's encoder
+    else:
+        assert sorted(map(id, encodes)) == sorted(map(id, [large, small]))
     assert len(decodes) == len(trace)
     caches = {}
     for step, (cache, _, _) in zip(trace, decodes):
@@ -302,8 +294,8 @@ def test_one_new_token_is_the_large_models_first():
 def test_one_large_call_per_phase_and_one_encode_per_model():
     large, small = model_pair("agree")
     src = torch.tensor([[5, 6, 7, 8]])
-    with recording(large, small) as (decodes, encodes):
-        result = generate(large, small, src, max_small_steps=4, max_new_tokens=16)
+    observed_large, observed_small, decodes, encodes = recording(large, small)
+    result = generate(observed_large, observed_small, src, max_small_steps=4, max_new_tokens=16)
     assert [id(m) for m in encodes] == [id(large), id(small)]
     large_cache = decodes[0][0]
     assert sum(cache is large_cache for cache, _, _ in decodes) == result.stats.large_calls
@@ -348,7 +340,8 @@ def test_probabilities_in_float32_for_low_precision_models():
 ])
 def test_mismatched_models_are_rejected(small, message):
     large, small = model_pair("disagree")[0], small()
-    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=message):
         generate(large, small, torch.tensor([[3, 4]]))
     assert decodes == encodes == []
 
@@ -365,7 +358,8 @@ def test_mismatched_models_are_rejected(small, message):
 ])
 def test_bad_arguments_are_rejected(src, kwargs, message):
     large, small = model_pair("disagree")
-    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=message):
         generate(large, small, torch.tensor([[3, 4]]) if src is None else src, **kwargs)
     assert decodes == encodes == []
 
@@ -378,8 +372,8 @@ def test_bad_arguments_are_rejected(src, kwargs, message):
 def test_models_in_training_mode_are_refused(models, message):
     """Dropout would make every output random: five calls, five outputs, and rollback 0 no longer greedy."""
     large, small = models(*copy.deepcopy(model_pair("disagree")))
-    with recording(large, small) as (decodes, encodes), \
-            pytest.raises(ValueError, match=rf"^{message} is in training mode.*call \.eval\(\)"):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=rf"^{message} is in training mode.*call \.eval\(\)"):
         generate(large, small, torch.tensor([[3, 4]]))
     assert decodes == encodes == []
 
@@ -399,7 +393,8 @@ def test_counts_must_be_integers(name, value):
     """2.5 or inf pending tokens never equal N, so the small phase would never hand over; True is not a count."""
     large, small = model_pair("disagree")
     message = rf"^{name} must be an integer >= 1, got {value!r}$"
-    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=message):
         generate(large, small, torch.tensor([[3, 4]]), **{name: value})
     assert decodes == encodes == []
     if name == "max_new_tokens":

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from minibild import EarlyExit, T5, T5Config
 from minibild.bild import generate
+from minibild.observed import observed
 from minibild.generate import greedy as minibild_greedy
 from test_bild import one_thread  # noqa: F401 (an autouse fixture: one torch thread for tiny models)
 from test_bild import (ALL_PATHS, EOS, SETTINGS, assert_reached, checked_generate, large_greedy, lengths, paths,
@@ -102,9 +103,10 @@ def test_t5_decode_refuses_an_early_exit_cache():
 
 
 def replay_check(large, small, src):
-    """Wrap both models' decode calls (small and small.shared_large); after each, rebuild the shared cache from
+    """Observe both models' decode calls (small and small.shared_large); after each, rebuild the shared cache from
     scratch for the tokens it holds, with the model's layers run uncached, and compare every layer's
-    keys/values, the exit layer's output and the ids it consumed. Returns the list of checks made."""
+    keys/values, the exit layer's output and the ids it consumed. Returns (the observed small model, the list of
+    checks made)."""
     k, decoder = small.exit_layer, large.decoder
     tokens_at, checks = {}, []
 
@@ -122,21 +124,18 @@ def replay_check(large, small, src):
         assert torch.equal(cache.exit_ids[:, :cache.exit_length], held)
         checks.append((cache.length, cache.exit_length))
 
-    def wrap(model):
-        decode = model.decode
-
-        def checked(ids, cache):
-            shared = getattr(cache, "cache", cache)  # the early-exit model's view -> the cache itself
-            assert shared.exit_length >= shared.length
-            for i, t in enumerate(ids[0].tolist()):
-                tokens_at[cache.length + i] = t
-            out = decode(ids, cache)
-            check(shared)
-            return out
-        model.decode = checked  # an instance attribute: checked_generate's recording wraps it, then removes it
-    wrap(small)
-    wrap(small.shared_large)
-    return checks
+    def checked(call, method, *args):
+        if call == "encode":
+            return method(*args)
+        ids, cache = args
+        shared = getattr(cache, "cache", cache)  # the early-exit model's view -> the cache itself
+        assert shared.exit_length >= shared.length
+        for i, t in enumerate(ids[0].tolist()):
+            tokens_at[cache.length + i] = t
+        out = method(ids, cache)
+        check(shared)
+        return out
+    return observed(small, checked), checks  # small and its shared_large observed
 
 
 def test_bild_with_early_exit_rollback_zero_is_large_greedy():
@@ -149,7 +148,7 @@ def test_bild_with_early_exit_rollback_zero_is_large_greedy():
     def check(seed, src, fallback, N, max_new_tokens, k):
         large = large_model(seed)
         small = EarlyExit(large, k)
-        checks = replay_check(large, small, src)
+        small, checks = replay_check(large, small, src)
         result = checked_generate(large, small, src, fallback_threshold=fallback, rollback_threshold=0.0,
                                   max_small_steps=N, max_new_tokens=max_new_tokens)
         assert result.tokens == large_greedy(large, src, max_new_tokens)
@@ -160,19 +159,21 @@ def test_bild_with_early_exit_rollback_zero_is_large_greedy():
     assert_reached(seen, ALL_PATHS, least=5)
 
 
-def test_shared_cache_stays_consistent_through_rollbacks(monkeypatch):
+def test_shared_cache_stays_consistent_through_rollbacks():
     encodes = []
     stats_total = Counter()
     for seed in range(4):
         large = large_model(seed)
         exit_model = EarlyExit(large, 1 + seed % 3)
         src = torch.tensor([[3 + seed, 17, 29, 8, 1]])
-        checks = replay_check(large, exit_model, src)
-        encode = large.encode
-        monkeypatch.setattr(large, "encode", lambda *a, **kw: encodes.append(seed) or encode(*a, **kw))
-        result = generate(large, exit_model, src, fallback_threshold=0.3, rollback_threshold=1.0,
-                          max_small_steps=4, max_new_tokens=16)
-        monkeypatch.undo()
+        exit_model, checks = replay_check(large, exit_model, src)
+
+        def count_encodes(call, method, *args, seed=seed):
+            if call == "encode":
+                encodes.append(seed)
+            return method(*args)
+        result = generate(large, observed(exit_model, count_encodes), src, fallback_threshold=0.3,
+                          rollback_threshold=1.0, max_small_steps=4, max_new_tokens=16)
         assert len(checks) == result.stats.large_calls + result.stats.small_calls
         stats_total.update(vars(result.stats))
     assert encodes == [0, 1, 2, 3]  # one encoder pass per generation: the early-exit model runs none
