@@ -19,7 +19,8 @@ from hypothesis import given, settings, strategies as st
 import minibild
 from minibild import bild, ragged
 from minibild.batch import right_pad
-from tiny_models import EOS, PAD, VOCAB, assert_reached, lengths, model_pair, pair_args, random_source, steps
+from tiny_models import (EOS, LENGTHS, PAIR, PAD, STEPS, VOCAB, assert_reached, lengths, model_pair, pair_args,
+                         random_source, seeded_cases, steps, uniform)
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 batches = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6).map(lambda seeds: [random_source(s)[0]
@@ -77,24 +78,34 @@ def batch_paths(results) -> Counter:
     return seen
 
 
-def test_each_row_is_bild_generate_on_that_row_alone():
-    seen = Counter()
+def each_row_is_bild_generate_alone(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources):
+    large, small = model_pair(*args)
+    kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                  max_small_steps=N, max_new_tokens=max_new_tokens)
+    results = bild.generate_batch(large, small, *padded(sources), **kwargs)
+    assert len(results) == len(sources)
+    for src, result in zip(sources, results):
+        assert_same_result(result, bild.generate(large, small, src[None], **kwargs))
+    return batch_paths(results) + Counter({"padded sources": len({len(src) for src in sources}) > 1})
 
-    @settings(SETTINGS, max_examples=60)
-    @given(pair_args, st.floats(0, 1.2), st.floats(0, 8), steps, lengths, batches)
-    def check(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources):
-        large, small = model_pair(*args)
-        kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
-                      max_small_steps=N, max_new_tokens=max_new_tokens)
-        results = bild.generate_batch(large, small, *padded(sources), **kwargs)
-        assert len(results) == len(sources)
-        for src, result in zip(sources, results):
-            assert_same_result(result, bild.generate(large, small, src[None], **kwargs))
-        seen.update(batch_paths(results))
-        seen["padded sources"] += len({len(src) for src in sources}) > 1
 
-    check()
-    assert_reached(seen, list(seen), least=5)  # every path batch_paths counts, and padding
+@SETTINGS
+@given(pair_args, st.floats(0, 1.2), st.floats(0, 8), steps, lengths, batches)
+def test_each_row_is_bild_generate_on_that_row_alone(args, fallback_threshold, rollback_threshold, N,
+                                                     max_new_tokens, sources):
+    each_row_is_bild_generate_alone(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources)
+
+
+def BATCH(rng):  # as `batches`, for seeded_cases
+    return [random_source(rng.getrandbits(32))[0] for _ in range(rng.randint(1, 6))]
+
+
+def test_each_row_alone_reaches_every_interplay_of_rows():
+    seen = sum((each_row_is_bild_generate_alone(*case)
+                for case in seeded_cases(60, PAIR, uniform(0, 1.2), uniform(0, 8), STEPS, LENGTHS, BATCH)), Counter())
+    assert_reached(seen, ["rollback while another row falls back", "rollback while another row finishes",
+                          "rollback while another row accepts", "rows end at EOS and at the cap",
+                          "rows of different lengths", "padded sources"], least=5)
 
 
 def test_permuting_rows_permutes_results():
@@ -114,24 +125,30 @@ def test_permuting_rows_permutes_results():
     check()
 
 
-def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched():
-    early_exits = []  # examples in which a row ends at EOS while another goes on: batched greedy drops it
+def rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, sources) -> bool:
+    """Row by row and batched; True when a row ends at EOS while another goes on (batched greedy drops it)."""
+    large, small = model_pair(*args)
+    results = bild.generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
+                                  rollback_threshold=0.0, max_small_steps=N, max_new_tokens=max_new_tokens)
+    tokens = [result.tokens for result in results]
+    assert tokens == [minibild.greedy(large, src[None], max_new_tokens)[0] for src in sources]
+    ids, mask = padded(sources)
+    assert tokens == minibild.greedy(large, ids, max_new_tokens, attention_mask=mask)
+    longest = max(map(len, tokens))
+    return any(t[-1:] == [EOS] and len(t) < longest for t in tokens)
 
-    @SETTINGS
-    @given(pair_args, st.floats(0, 1), steps, lengths, batches)
-    def check(args, fallback_threshold, N, max_new_tokens, sources):
-        large, small = model_pair(*args)
-        results = bild.generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
-                                      rollback_threshold=0.0, max_small_steps=N, max_new_tokens=max_new_tokens)
-        tokens = [result.tokens for result in results]
-        assert tokens == [minibild.greedy(large, src[None], max_new_tokens)[0] for src in sources]
-        ids, mask = padded(sources)
-        assert tokens == minibild.greedy(large, ids, max_new_tokens, attention_mask=mask)
-        longest = max(map(len, tokens))
-        early_exits.append(any(t[-1:] == [EOS] and len(t) < longest for t in tokens))
 
-    check()
-    assert sum(early_exits) >= 5, f"only {sum(early_exits)} examples had a row finish before another"
+@SETTINGS
+@given(pair_args, st.floats(0, 1), steps, lengths, batches)
+def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched(args, fallback_threshold, N,
+                                                                        max_new_tokens, sources):
+    rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, sources)
+
+
+def test_rollback_threshold_zero_cases_have_rows_finishing_early():
+    early_exits = [rollback_zero_is_large_greedy(*case)
+                   for case in seeded_cases(25, PAIR, uniform(0, 1), STEPS, LENGTHS, BATCH)]
+    assert sum(early_exits) >= 5, f"only {sum(early_exits)} cases had a row finish before another"
 
 
 def test_ragged_cache_holds_what_one_row_alone_would(monkeypatch):

@@ -3,8 +3,9 @@
 Models are tiny random float64 T5s (tests/tiny_models.py). "agree" pairs: the small model is the large one plus
 a little noise, so most small tokens are accepted. "disagree" pairs: an independent, narrower small model, so
 rollbacks are common. "same": one model as both. Every run goes through `checked_generate`, which records each
-decode/encode call and replays the trace against an independent reading of the policy. Each property test
-counts the paths of the loop its examples reached (`paths`) and asserts a minimum for every path it can reach.
+decode/encode call and replays the trace against an independent reading of the policy. Each property is checked
+on Hypothesis' examples, and again on a fixed list of seeded cases that count the paths of the loop they reach
+(`paths`) and assert a minimum for every path the property can reach.
 """
 import copy
 import dataclasses
@@ -20,10 +21,10 @@ import minibild
 from minibild import bild
 from minibild.bild import format_trace, generate, speculative, trace_from_jsonl, trace_to_jsonl
 from minibild.observed import observed
-from tiny_models import (ALL_PATHS, EOS, VOCAB, assert_reached, lengths, model_pair, pair_args, paths, random_t5,
-                         seeds, sources, steps)
+from tiny_models import (ALL_PATHS, EOS, LENGTHS, PAIR, SEEDS, SOURCE, STEPS, VOCAB, assert_reached, lengths,
+                         model_pair, pair_args, paths, pick, random_t5, seeded_cases, seeds, sources, steps, uniform)
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,110 +153,140 @@ def large_greedy(large, src, max_new_tokens):
     return minibild.greedy(large, src, max_new_tokens)[0]
 
 
-def test_rollback_threshold_zero_is_large_greedy():
-    seen = Counter()
+# Each property below is a function of one example: its test checks it on Hypothesis' examples, and its coverage
+# test on a fixed list of seeded cases (tiny_models.seeded_cases), which must reach every path the property can.
+N_CASES = 60
 
-    @SETTINGS
-    @given(pair_args, st.floats(0, 1), steps, lengths, sources)
-    def check(args, fallback_threshold, N, max_new_tokens, src):
-        large, small = model_pair(*args)
-        result = checked_generate(large, small, src, fallback_threshold=fallback_threshold, rollback_threshold=0.0,
-                                  max_small_steps=N, max_new_tokens=max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        seen.update(paths(result))
 
-    check()
+def rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, src):
+    large, small = model_pair(*args)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold, rollback_threshold=0.0,
+                              max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    return paths(result)
+
+
+@SETTINGS
+@given(pair_args, st.floats(0, 1), steps, lengths, sources)
+def test_rollback_threshold_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, src):
+    rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, src)
+
+
+def test_rollback_threshold_zero_reaches_every_path():
+    seen = sum((rollback_zero_is_large_greedy(*case)
+                for case in seeded_cases(N_CASES, PAIR, uniform(0, 1), STEPS, LENGTHS, SOURCE)), Counter())
     assert_reached(seen, ALL_PATHS, least=5)
 
 
-def test_fallback_threshold_above_one_is_large_greedy():
-    seen = Counter()
+def fallback_above_one_is_large_greedy(args, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    large, small = model_pair(*args)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
+                              rollback_threshold=rollback_threshold, max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert result.stats.small_tokens == 0 and result.stats.fallbacks == result.stats.small_calls
+    return paths(result) + Counter({"fallback threshold inf": fallback_threshold == math.inf})
 
-    @SETTINGS
-    @given(pair_args, st.one_of(st.floats(1, 100, exclude_min=True), st.just(math.inf)), st.floats(0, 10), steps,
-           lengths, sources)
-    def check(args, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
-        large, small = model_pair(*args)
-        result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
-                                  rollback_threshold=rollback_threshold, max_small_steps=N,
-                                  max_new_tokens=max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        assert result.stats.small_tokens == 0 and result.stats.fallbacks == result.stats.small_calls
-        seen.update(paths(result))
-        seen["fallback threshold inf"] += fallback_threshold == math.inf
 
-    check()
+@SETTINGS
+@given(pair_args, st.one_of(st.floats(1, 100, exclude_min=True), st.just(math.inf)), st.floats(0, 10), steps,
+       lengths, sources)
+def test_fallback_threshold_above_one_is_large_greedy(args, fallback_threshold, rollback_threshold, N,
+                                                      max_new_tokens, src):
+    fallback_above_one_is_large_greedy(args, fallback_threshold, rollback_threshold, N, max_new_tokens, src)
+
+
+def test_fallback_threshold_above_one_reaches_every_path():
+    above_one = lambda rng: rng.choice([math.inf, rng.uniform(1.0001, 100)])  # noqa: E731
+    seen = sum((fallback_above_one_is_large_greedy(*case)
+                for case in seeded_cases(N_CASES, PAIR, above_one, uniform(0, 10), STEPS, LENGTHS, SOURCE)),
+               Counter())
     # The small model never keeps a token, so nothing is ever pending: no handover, no rollback, no accepted
     # small token, no EOS pending. What remains is a fallback on every small call and both ways to end.
     assert_reached(seen, ["fallback", "ends at EOS", "ends at cap", "fallback threshold inf"], least=5)
 
 
-def test_speculative_is_large_greedy_with_fewer_large_calls():
-    seen, totals = Counter(), Counter()
+def speculative_is_large_greedy(args, k, max_new_tokens, src):
+    large, small = model_pair(*args)
+    result = speculative(large, small, src, k, max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert result.stats.fallbacks == 0
+    assert result.trace == checked_generate(large, small, src, fallback_threshold=0.0, rollback_threshold=0.0,
+                                            max_small_steps=k, max_new_tokens=max_new_tokens).trace
+    return result
 
-    @SETTINGS
-    @given(pair_args, steps, lengths, sources)
-    def check(args, k, max_new_tokens, src):
-        large, small = model_pair(*args)
-        result = speculative(large, small, src, k, max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        assert result.stats.fallbacks == 0
-        assert result.trace == checked_generate(large, small, src, fallback_threshold=0.0, rollback_threshold=0.0,
-                                                max_small_steps=k, max_new_tokens=max_new_tokens).trace
+
+@SETTINGS
+@given(pair_args, steps, lengths, sources)
+def test_speculative_is_large_greedy(args, k, max_new_tokens, src):
+    speculative_is_large_greedy(args, k, max_new_tokens, src)
+
+
+def test_speculative_reaches_every_path_with_fewer_large_calls():
+    seen, totals = Counter(), Counter()
+    for case in seeded_cases(N_CASES, PAIR, STEPS, LENGTHS, SOURCE):
+        result = speculative_is_large_greedy(*case)
         seen.update(paths(result))
-        if args[0] == "agree":
+        if case[0][0] == "agree":
             totals["large_calls"] += result.stats.large_calls
             totals["tokens"] += len(result.tokens)
-
-    check()
     assert totals["large_calls"] < totals["tokens"], totals
     # Fallback threshold 0: no small token is ever discarded, so every other path is reachable.
     assert_reached(seen, [path for path in ALL_PATHS if path != "fallback"], least=5)
 
 
-def test_invariants_and_determinism():
+def invariants_and_determinism(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    large, small = model_pair(kind, seed)
+    kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                  max_small_steps=N, max_new_tokens=max_new_tokens)
+    first = checked_generate(large, small, src, oracle=True, **kwargs)
+    again = generate(large, small, src, **kwargs)
+    assert (again.tokens, again.stats) == (first.tokens, first.stats)
+    assert trace_to_jsonl(again.trace) == trace_to_jsonl(first.trace)
+    assert format_trace(again.trace) == format_trace(first.trace)
+    return paths(first) + Counter({"rolled back": first.stats.rolled_back_tokens})
+
+
+@SETTINGS
+@given(st.sampled_from(["agree", "disagree", "same"]), seeds, st.floats(0, 1.2), st.floats(0, 8), steps, lengths,
+       sources)
+def test_invariants_and_determinism(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    invariants_and_determinism(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src)
+
+
+def test_invariants_and_determinism_reach_every_path():
     seen = {kind: Counter() for kind in ("agree", "disagree", "same")}
-
-    @SETTINGS
-    @given(st.sampled_from(["agree", "disagree", "same"]), seeds, st.floats(0, 1.2), st.floats(0, 8), steps,
-           lengths, sources)
-    def check(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
-        large, small = model_pair(kind, seed)
-        kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
-                      max_small_steps=N, max_new_tokens=max_new_tokens)
-        first = checked_generate(large, small, src, oracle=True, **kwargs)
-        again = generate(large, small, src, **kwargs)
-        assert (again.tokens, again.stats) == (first.tokens, first.stats)
-        assert trace_to_jsonl(again.trace) == trace_to_jsonl(first.trace)
-        assert format_trace(again.trace) == format_trace(first.trace)
-        seen[kind].update(paths(first))
-        seen[kind]["rolled back"] += first.stats.rolled_back_tokens
-
-    check()
+    for case in seeded_cases(N_CASES, pick("agree", "disagree", "same"), pick(*SEEDS), uniform(0, 1.2),
+                             uniform(0, 8), STEPS, LENGTHS, SOURCE):
+        seen[case[0]] += invariants_and_determinism(*case)
     everything = seen["agree"] + seen["disagree"] + seen["same"]
     assert_reached(everything, [path for path in ALL_PATHS if path != "EOS rolled back"], least=5)
     # Rare here (rollback thresholds up to 8, and a third of the pairs never roll back); the rollback-0 and
-    # speculative tests reach it over 10 times each.
+    # speculative cases reach it more often.
     assert_reached(everything, ["EOS rolled back"], least=1)
     assert seen["agree"]["accepted"] > seen["agree"]["rolled back"], seen["agree"]  # the agreeing pair agrees
     assert seen["same"]["rollback"] == 0, seen["same"]
 
 
-def test_same_model_as_large_and_small_never_rolls_back():
-    seen = Counter()
+def same_model_never_rolls_back(seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    large, small = model_pair("same", seed)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
+                              rollback_threshold=rollback_threshold, max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.stats.rollbacks == 0
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    return paths(result)
 
-    @SETTINGS
-    @given(seeds, st.floats(0, 1), st.floats(0, 8), steps, lengths, sources)
-    def check(seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
-        large, small = model_pair("same", seed)
-        result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
-                                  rollback_threshold=rollback_threshold, max_small_steps=N,
-                                  max_new_tokens=max_new_tokens)
-        assert result.stats.rollbacks == 0
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        seen.update(paths(result))
 
-    check()
+@SETTINGS
+@given(seeds, st.floats(0, 1), st.floats(0, 8), steps, lengths, sources)
+def test_same_model_as_large_and_small_never_rolls_back(seed, fallback_threshold, rollback_threshold, N,
+                                                        max_new_tokens, src):
+    same_model_never_rolls_back(seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src)
+
+
+def test_same_model_as_large_and_small_reaches_every_path():
+    seen = sum((same_model_never_rolls_back(*case)
+                for case in seeded_cases(N_CASES, pick(*SEEDS), uniform(0, 1), uniform(0, 8), STEPS, LENGTHS,
+                                         SOURCE)), Counter())
     # One model agrees with itself, so the large model accepts every pending token: no rollback is reachable.
     assert_reached(seen, [path for path in ALL_PATHS if not path.startswith(("rollback", "EOS rolled"))], least=5)
 

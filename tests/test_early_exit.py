@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 
 from minibild import EarlyExit, T5, T5Config
 from minibild.bild import generate
-from minibild.observed import observed
 from minibild.generate import greedy as minibild_greedy
+from minibild.observed import observed
 from test_bild import one_thread  # noqa: F401 (an autouse fixture: one torch thread for tiny models)
-from test_bild import (ALL_PATHS, EOS, SETTINGS, assert_reached, checked_generate, large_greedy, lengths, paths,
-                       random_t5, sources)
+from test_bild import (ALL_PATHS, EOS, N_CASES, SETTINGS, assert_reached, checked_generate, large_greedy, lengths,
+                       paths, random_t5, sources)
+from tiny_models import LENGTHS, SOURCE, integer, pick, seeded_cases, uniform
 
 LAYERS = 4
 # As test_bild's ENDS_LIKE, for these 4-layer models: EOS takes the place of a token the large model (and, for most
@@ -138,24 +139,28 @@ def replay_check(large, small, src):
     return observed(small, checked), checks  # small and its shared_large observed
 
 
-def test_bild_with_early_exit_rollback_zero_is_large_greedy():
+def early_exit_rollback_zero_is_large_greedy(seed, src, fallback, N, max_new_tokens, k):
     """Through test_bild's checked path (its replay of every call against the policy, its stats), with the shared
-    cache rebuilt and compared after every call; the examples must reach every path of the loop."""
-    seen = Counter()
+    cache rebuilt and compared after every call."""
+    large = large_model(seed)
+    small, checks = replay_check(large, EarlyExit(large, k), src)
+    result = checked_generate(large, small, src, fallback_threshold=fallback, rollback_threshold=0.0,
+                              max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert len(checks) == len(result.trace)
+    return paths(result)
 
-    @SETTINGS
-    @given(st.integers(0, 3), sources, st.floats(0, 1), st.integers(1, 6), lengths, st.sampled_from([1, 2, 3]))
-    def check(seed, src, fallback, N, max_new_tokens, k):
-        large = large_model(seed)
-        small = EarlyExit(large, k)
-        small, checks = replay_check(large, small, src)
-        result = checked_generate(large, small, src, fallback_threshold=fallback, rollback_threshold=0.0,
-                                  max_small_steps=N, max_new_tokens=max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        assert len(checks) == len(result.trace)
-        seen.update(paths(result))
 
-    check()
+@SETTINGS
+@given(st.integers(0, 3), sources, st.floats(0, 1), st.integers(1, 6), lengths, st.sampled_from([1, 2, 3]))
+def test_bild_with_early_exit_rollback_zero_is_large_greedy(seed, src, fallback, N, max_new_tokens, k):
+    early_exit_rollback_zero_is_large_greedy(seed, src, fallback, N, max_new_tokens, k)
+
+
+def test_bild_with_early_exit_reaches_every_path():
+    seen = sum((early_exit_rollback_zero_is_large_greedy(*case)
+                for case in seeded_cases(N_CASES, integer(0, 3), SOURCE, uniform(0, 1), integer(1, 6), LENGTHS,
+                                         pick(1, 2, 3))), Counter())
     assert_reached(seen, ALL_PATHS, least=5)
 
 
