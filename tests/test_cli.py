@@ -112,11 +112,27 @@ def test_sampling_in_every_mode_is_seeded(capsys):
     """--temperature > 0 samples (bild.sample in the bild and speculative modes, minibild.sample in the others),
     each input with a generator seeded with --seed: the same seed gives the same line, wherever the input sits."""
     text = "Y dijo Dios: Sea la luz."
+    large, small = minibild.load(LARGE), minibild.load(SMALL)
+    tok = minibild.Tokenizer(LARGE / "spiece.model")
+    ids = torch.tensor([tok.encode(text)])
+
+    def expected(mode, seed):  # the library's own sampling with a generator seeded with seed
+        generator = torch.Generator().manual_seed(seed)
+        if mode in ("large", "small"):
+            tokens = minibild.sample(large if mode == "large" else small, ids, temperature=1.5, max_new_tokens=12,
+                                     generator=generator)
+        else:
+            tokens = bild.sample(large, small, ids, temperature=1.5, max_new_tokens=12, generator=generator,
+                                 fallback_threshold=0.0 if mode == "speculative" else bild.FALLBACK_THRESHOLD).tokens
+        return tok.decode(tokens) + "\n"
+
     for mode in ("bild", "speculative", "large", "small"):
         runs = [run_cli(capsys, "--mode", mode, "--temperature", "1.5", "--seed", seed, "--max-new-tokens", "12",
                         *texts) for seed, texts in (("3", [text]), ("3", ["Dios es amor.", text]), ("4", [text]))]
         assert all(status == 0 for status, _, _ in runs)
         assert runs[0][1] == runs[1][1].splitlines(keepends=True)[1], mode
+        assert (runs[0][1], runs[2][1]) == (expected(mode, 3), expected(mode, 4)), mode
+        assert runs[0][1] != runs[2][1], mode  # the seed matters
     status, _, err = run_cli(capsys, "--temperature", "0.8", "--trace", "--max-new-tokens", "12", text)
     assert status == 0 and "p/q [" in err and "max q=" in err and "BiLDStats" in err
 
