@@ -39,7 +39,8 @@ def random_hf_t5(seed: int = 0, **config) -> T5ForConditionalGeneration:
 
 
 def load_hf(hf_dir, dtype=torch.float32) -> T5ForConditionalGeneration:
-    return T5ForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    # .to(dtype) rather than from_pretrained's dtype argument, which transformers before 4.56 calls torch_dtype.
+    return T5ForConditionalGeneration.from_pretrained(hf_dir).to(dtype).eval()
 
 
 def float64_faithful_layer_norm(self, hidden_states):
