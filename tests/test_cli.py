@@ -42,11 +42,15 @@ def test_shipped_pair_loads_with_its_tokenizer(pair):
     assert (large_path / "spiece.model").read_bytes() == (small_path / "spiece.model").read_bytes()
 
 
-def test_translates_a_known_sentence_sensibly(capsys):
-    status, out, _ = run_cli(capsys, "--mode", "small", "El que no ama, no conoce á Dios; porque Dios es amor.")
-    assert status == 0
-    words = out.lower()
-    assert out.count("\n") == 1 and "god" in words and "love" in words, out
+def test_the_quick_start_prints_what_readme_says(capsys):
+    """README's first command, its output as README gives it, and its verse from the test split (never trained on)."""
+    readme = (ROOT / "README.md").read_text()
+    text = re.search(r'pip install -e \. && python -m minibild "([^"]+)"', readme)[1]
+    printed = re.search(r"it prints\s+`([^`]+)`", readme)[1]
+    status, out, _ = run_cli(capsys, text)
+    assert (status, out) == (0, printed + "\n")
+    verse = [row for row in map(json.loads, PAIRS["small"][2].read_text().splitlines()) if row["source"] == text]
+    assert [(row["book"], row["chapter"], row["verse"]) for row in verse] == [("1John", 4, 19)], verse
 
 
 @pytest.mark.parametrize("mode", ["large", "small"])
@@ -135,6 +139,15 @@ def test_sampling_in_every_mode_is_seeded(capsys):
         assert runs[0][1] != runs[2][1], mode  # the seed matters
     status, _, err = run_cli(capsys, "--temperature", "0.8", "--trace", "--max-new-tokens", "12", text)
     assert status == 0 and "p/q [" in err and "max q=" in err and "BiLDStats" in err
+
+
+def test_a_tiny_temperature_samples_the_large_models_greedy_output(capsys):
+    """softmax(logits / 1e-40) overflowed to NaN, and NaN acceptances accepted every draft: garbage, exit 0."""
+    text = "Y dijo Dios: Sea la luz."
+    status, greedy, _ = run_cli(capsys, "--mode", "large", "--max-new-tokens", "12", text)
+    for mode in ("bild", "large"):
+        assert run_cli(capsys, "--mode", mode, "--temperature", "1e-40", "--max-new-tokens", "12", text)[:2] == \
+            (0, greedy), mode
 
 
 @pytest.mark.parametrize("mode", ["bild", "speculative", "large", "small"])
