@@ -56,7 +56,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="decode B inputs at a time (batched greedy or bild.generate_batch; each output is the one "
-                        "batch size 1 gives; default 1)")
+                        "batch size 1 gives, in float32 except where a probability lies within about 3e-6 of a "
+                        "threshold or a tie; default 1)")
     p.add_argument("--trace", action="store_true", help="print BiLD's decisions for each input on stderr")
     return p.parse_args(argv)
 

@@ -6,6 +6,7 @@ probabilities and cross-entropies to 1e-9 relative (float64), since a batched ma
 Models, sources and settings are test_bild.py's (tests/tiny_models.py).
 """
 import copy
+import json
 import math
 import random
 import subprocess
@@ -314,3 +315,44 @@ def test_caches_grow_as_they_fill(monkeypatch):
     assert max(len(tokens) for tokens in expected[0]) == 24
     monkeypatch.setattr(minibild.model.KVCache, "initial_capacity", 1)
     assert outputs() == expected
+
+
+def first_divergence(alone: bild.BiLDResult, batched: bild.BiLDResult):
+    """The first step at which two traces take another decision (or feed other tokens), or None."""
+    return next((i for i, (a, b) in enumerate(zip(alone.trace, batched.trace))
+                 if (a.model, a.start, a.fed, a.decision) != (b.model, b.start, b.fed, b.decision)), None)
+
+
+def test_float32_batches_are_batch_one_except_at_near_ties_on_real_sentences():
+    """README's statement, on the shipped pair in float32 (the CLI's default): a batched call sums in another order,
+    so a row's probabilities differ from batch 1's by up to about 3e-6, and its tokens and decisions are batch 1's
+    except where a probability lies that close to a threshold. A fallback threshold placed between a probability's
+    two values changes the decision there, and only there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    large, small = (minibild.load(root / "weights" / name) for name in ("large", "small"))
+    tok = minibild.Tokenizer(root / "weights" / "large" / "spiece.model")
+    lines = (root / "data" / "test.jsonl").read_text().splitlines()[:4]
+    sources = [torch.tensor(tok.encode(json.loads(line)["source"])) for line in lines]
+    batched = bild.generate_batch(large, small, *padded(sources))
+    alone = [bild.generate(large, small, src[None]) for src in sources]
+    pairs = []  # (batch 1's, batch 4's) probability at every small step
+    for a, b in zip(alone, batched):
+        assert (a.tokens, first_divergence(a, b)) == (b.tokens, None)
+        pairs += [(s.prob, t.prob) for s, t in zip(a.trace, b.trace) if s.model == "small"]
+        for s, t in zip(a.trace, b.trace):
+            if s.model == "large":
+                assert all(abs(x - y) <= 2e-5 for x, y in zip(s.cross_entropy, t.cross_entropy))
+    differences = [abs(p - q) for p, q in pairs]
+    assert max(differences) <= 5e-6 and sum(d > 0 for d in differences) > len(pairs) / 4  # not bit-identical
+    # Between the two values of the most different probability (which decided "pending"), the decision flips.
+    row = next(i for i, (a, b) in enumerate(zip(alone, batched))
+               if max(abs(s.prob - t.prob) for s, t in zip(a.trace, b.trace) if s.model == "small") == max(differences))
+    p, q = max(((s.prob, t.prob) for s, t in zip(alone[row].trace, batched[row].trace) if s.model == "small"),
+               key=lambda pq: abs(pq[0] - pq[1]))
+    threshold = (p + q) / 2
+    a = bild.generate(large, small, sources[row][None], fallback_threshold=threshold)
+    b = bild.generate_batch(large, small, *padded(sources), fallback_threshold=threshold)[row]
+    i = first_divergence(a, b)
+    assert i is not None and a.trace[i].model == "small" and abs(a.trace[i].prob - threshold) < 5e-6
