@@ -16,7 +16,7 @@ import torch
 
 from . import bild
 from .early_exit import EarlyExit
-from .modes import MODES, Mode
+from .modes import MODES, Mode, check_used
 from .progress import progress
 from .tokenizer import Tokenizer
 from .weights import load, load_tokenizer
@@ -40,26 +40,25 @@ def parse_args(argv):
                    help="bild: BiLD; large/small: greedy with one model; speculative: greedy speculative "
                         "decoding with max-small-steps draft tokens (BiLD with fallback 0, rollback 0); official: the "
                         "official BiLD implementation's rule (minibild/official.py)")
-    p.add_argument("--fallback-threshold", type=float, default=bild.FALLBACK_THRESHOLD,
-                   help="alpha_FB (default %(default)s)")
+    p.add_argument("--fallback-threshold", type=float, help=f"alpha_FB (default {bild.FALLBACK_THRESHOLD})")
     p.add_argument("--rollback-threshold", type=float,
                    help=f"alpha_RB (default {bild.ROLLBACK_THRESHOLD}; refused when sampling, whose rejections keep "
                         "the large model's distribution)")
-    p.add_argument("--max-small-steps", type=int, default=bild.MAX_SMALL_STEPS, help="N (default %(default)s)")
+    p.add_argument("--max-small-steps", type=int, help=f"N (default {bild.MAX_SMALL_STEPS})")
     p.add_argument("--max-new-tokens", type=int, default=bild.MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 (default): greedy; T > 0: sample from softmax(logits / T), with bild_sample in the bild "
                         "and speculative modes (distributed exactly as the large model's samples) and "
                         "minibild.sample in the large and small modes")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the sampling generator, reseeded for each input (default %(default)s)")
+    p.add_argument("--seed", type=int, help="seed of the sampling generator, reseeded for each input (default 0)")
     p.add_argument("--max-input-tokens", type=int, default=512,
                    help="refuse inputs longer than this many tokens (default 512) instead of truncating them")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--batch-size", type=int, default=1, metavar="B",
                    help="decode B inputs at a time (batched greedy or batch.generate_batch; each output is the one "
-                        "batch size 1 gives; default 1)")
+                        "batch size 1 gives, in float32 except where a probability lies within about 3e-6 of a "
+                        "threshold or a tie; default 1)")
     p.add_argument("--trace", action="store_true", help="print BiLD's decisions for each input on stderr")
     return p.parse_args(argv)
 
@@ -121,6 +120,24 @@ def main(argv=None) -> int:
         return 1
 
 
+# The CLI's flags for the settings modes.MODES declares (and the seed), given or None.
+FLAGS = {"fallback_threshold": "--fallback-threshold", "rollback_threshold": "--rollback-threshold",
+         "max_small_steps": "--max-small-steps", "small": "--small", "exit_layer": "--exit-layer", "seed": "--seed"}
+
+
+def mode_of(args) -> Mode:
+    """The Mode the arguments ask for; a setting given to a mode that does not use it is refused."""
+    given = {"small_model" if name in ("small", "exit_layer") else name: flag for name, flag in FLAGS.items()
+             if getattr(args, name) is not None}
+    check_used(args.mode, given, args.temperature)
+
+    def value(name, default):
+        return default if getattr(args, name) is None else getattr(args, name)
+    return Mode(args.mode, value("fallback_threshold", bild.FALLBACK_THRESHOLD),
+                value("rollback_threshold", bild.ROLLBACK_THRESHOLD), value("max_small_steps", bild.MAX_SMALL_STEPS),
+                args.max_new_tokens, args.temperature, value("seed", 0))
+
+
 def run(args) -> int:
     texts = read_inputs(args)
     device, dtype = pick_device(args.device), DTYPES[args.dtype]
@@ -129,9 +146,7 @@ def run(args) -> int:
     if args.temperature and args.rollback_threshold is not None:
         raise UsageError("--rollback-threshold has no place in sampling (a rollback rule would change the output's "
                          "distribution): drop it, or sample with --temperature 0 for greedy BiLD")
-    rollback = bild.ROLLBACK_THRESHOLD if args.rollback_threshold is None else args.rollback_threshold
-    mode = Mode(args.mode, args.fallback_threshold, rollback, args.max_small_steps,
-                args.max_new_tokens, args.temperature, args.seed)
+    mode = mode_of(args)
     if args.trace and mode.name in ("large", "small"):
         raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")
     early_exit = args.exit_layer is not None

@@ -32,7 +32,8 @@ from . import ragged
 from .bild import (FALLBACK_THRESHOLD, MAX_NEW_TOKENS, MAX_SMALL_STEPS, ROLLBACK_THRESHOLD, BiLDResult, BiLDStats,
                    check_pair, check_settings, ended, propose, verify)
 from .early_exit import EarlyExit
-from .model import T5, check_ids
+from .model import T5, check_sources
+from .observed import Observed
 
 
 @dataclass
@@ -96,7 +97,10 @@ def feed(model: T5, cache: ragged.RaggedKVCache, rows: list[Row], batch: list[in
     them, their logits (T_b, V)), as bild.generate's feed gives them for one row."""
     starts = [cache.lengths[b] for b in batch]
     fed = [rows[b].y[start:] for b, start in zip(batch, starts)]
-    return zip(starts, fed, ragged.decode(model, cache, batch, fed))
+    # An observed model (observed.py) sees the call; ragged.decode runs the model's layers directly.
+    logits = model.decode_rows(cache, batch, fed) if isinstance(model, Observed) else ragged.decode(model, cache,
+                                                                                                  batch, fed)
+    return zip(starts, fed, logits)
 
 
 def right_pad(sources, pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,22 +118,5 @@ def check_batch(large: T5, small: T5, input_ids, attention_mask):
     if isinstance(small, EarlyExit):
         raise ValueError("an early-exit small model is batch-1 only: use bild.generate, one source at a time")
     check_pair(large, small)
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids has no rows: {tuple(input_ids.shape)}; give at least one source")
-    check_ids("input_ids", input_ids, large.config.vocab_size)
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, expected "
-                         f"input_ids' {tuple(input_ids.shape)}")
-    if not ((attention_mask == 0) | (attention_mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (source tokens)")
-    lengths = attention_mask.sum(1)
-    if (lengths == 0).any():
-        row = (lengths == 0).nonzero()[0].item()
-        raise ValueError(f"attention_mask row {row} is all zeros: every row needs at least one source token")
-    right_padded = torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None]
-    if (attention_mask != right_padded).any():
-        row = (attention_mask != right_padded).any(1).nonzero()[0].item()
-        raise ValueError(f"attention_mask row {row} is not right-padded: it must be 1s, then 0s")
-    return attention_mask
+    check_sources(input_ids, attention_mask, large.config.vocab_size)
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask

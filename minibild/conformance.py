@@ -19,7 +19,6 @@ import re
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .diff import decisions
 from .early_exit import EarlyExit
 from .generate import greedy
 from .model import T5
+from .observed import observed
 from .trace import trace_to_jsonl
 from .weights import load, save, save_hf
 
@@ -150,27 +150,18 @@ def load_pair(root: Path, pair: str, dtype) -> tuple:
     return large, small
 
 
-@contextmanager
-def recording_logits(*models):
-    """Record the logits (T, V) of every decode call of these models, in call order."""
+def recording_logits(large, small) -> tuple:
+    """(large, small) observed (observed.py): each decode call's logits (T, V) appended to calls, in call order ->
+    (the large model, the small model, calls) to give bild.generate. The models themselves are left untouched."""
     calls = []
 
-    def wrap(model):
-        decode = model.decode
-
-        def recorded(ids, cache):
-            logits = decode(ids, cache)
-            calls.append(logits[0])
-            return logits
-        model.decode = recorded
-
-    for model in models:
-        wrap(model)
-    try:
-        yield calls
-    finally:
-        for model in models:
-            del model.decode
+    def record(call, method, *args):
+        out = method(*args)
+        if call == "decode":
+            calls.append(out[0])
+        return out
+    # An early-exit small model brings its large model's calls (as its shared_large): the large one runs as given.
+    return large if isinstance(small, EarlyExit) else observed(large, record), observed(small, record), calls
 
 
 # The policies a case can expect: minibild's (docs/BILD.md) or the official implementation's (minibild/official.py).
@@ -179,9 +170,8 @@ RULES = {"minibild": bild.generate, "official": official.generate}
 
 def run_case(large, small, case: Case) -> tuple[bild.BiLDResult, list[dict]]:
     """The case's rule on the case, and one logits record per model call (see logits_record)."""
-    decoding_large = small.shared_large if isinstance(small, EarlyExit) else large
-    with recording_logits(decoding_large, small) as calls:
-        result = RULES[case.rule](large, small, torch.tensor([case.input_ids]), **case.settings)
+    large, small, calls = recording_logits(large, small)
+    result = RULES[case.rule](large, small, torch.tensor([case.input_ids]), **case.settings)
     return result, [logits_record(step, logits) for step, logits in zip(result.trace, calls)]
 
 

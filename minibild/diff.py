@@ -17,7 +17,7 @@ trace without one; headers and --case must agree. Without any, the cache and ord
 check is skipped (the report says so), and where the cache check needs to know whether the small model shares the
 large model's cache (early exit), the diff stops with exit 2 and names the missing setting instead of guessing.
 
-The expected rule: bild (bild.generate, bild.sample) unless --rule, or else EXPECTED's header, says official
+The expected rule: bild (bild.generate, bild_sample) unless --rule, or else EXPECTED's header, says official
 (minibild.official, the official implementation's policy, docs/BILD.md).
 
 Classifications of the first divergence:

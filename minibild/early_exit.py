@@ -23,15 +23,33 @@ class EarlyExitCache:
 
     def __init__(self, kv: KVCache, exit_layer: int, d_model: int):
         B, like = kv.cross_bias.shape[0], kv.cross_keys[0]
-        self.kv, self.exit_layer, self.cross_bias = kv, exit_layer, kv.cross_bias
+        self.kv, self.exit_layer = kv, exit_layer
         self.exit_length = 0
-        self.exit_hidden = like.new_empty(B, kv.max_length, d_model)  # (B, max_length, d_model)
-        self.exit_ids = torch.empty(B, kv.max_length, dtype=torch.long, device=like.device)  # (B, max_length)
+        self.exit_hidden = like.new_zeros(B, kv.capacity, d_model)  # (B, capacity, d_model), grown with kv
+        self.exit_ids = torch.zeros(B, kv.capacity, dtype=torch.long, device=like.device)  # (B, capacity)
         self.exit_view = ExitView(self)
 
     @property
     def length(self) -> int:
         return self.kv.length
+
+    @property
+    def cross_bias(self):
+        return self.kv.cross_bias
+
+    def reserve(self, end: int):
+        """Make room for positions up to end - 1 in kv's buffers and in exit_hidden and exit_ids."""
+        self.kv.reserve(end)
+        extra = self.kv.capacity - self.exit_ids.shape[1]
+        if extra > 0:
+            self.exit_hidden = torch.cat([self.exit_hidden, self.exit_hidden.new_zeros(
+                self.exit_hidden.shape[0], extra, self.exit_hidden.shape[2])], 1)
+            self.exit_ids = torch.cat([self.exit_ids, self.exit_ids.new_zeros(self.exit_ids.shape[0], extra)], 1)
+
+    def keep_rows(self, rows):
+        """Keep only the batch rows at these indices (B',), in this order; the others leave the batch."""
+        self.kv.keep_rows(rows)
+        self.exit_hidden, self.exit_ids = self.exit_hidden.index_select(0, rows), self.exit_ids.index_select(0, rows)
 
     def crop(self, n: int):
         """Keep the first n positions, in every layer (n <= length <= exit_length)."""
@@ -49,11 +67,19 @@ class ExitView:
     """The early-exit model's view of an EarlyExitCache: it holds the positions the first layers hold."""
 
     def __init__(self, cache: EarlyExitCache):
-        self.cache, self.cross_bias = cache, cache.cross_bias
+        self.cache = cache
 
     @property
     def length(self) -> int:
         return self.cache.exit_length
+
+    @property
+    def cross_bias(self):
+        return self.cache.cross_bias
+
+    def keep_rows(self, rows):
+        """Keep only these batch rows (minibild.greedy drops finished rows): of the whole shared cache."""
+        self.cache.keep_rows(rows)
 
     def crop(self, n: int):
         if not 0 <= n <= self.length:
@@ -106,6 +132,7 @@ class EarlyExit:
     def run_exit_layers(self, ids, cache: EarlyExitCache):
         """Run the first exit_layer layers over new positions exit_length..; keep their output and ids."""
         decoder, start, T = self.large.decoder, cache.exit_length, ids.shape[1]
+        cache.reserve(start + T)
         h = decoder.run_layers(decoder.dropout(self.embed(ids)), cache.kv, start, range(self.exit_layer))
         cache.exit_hidden[:, start:start + T] = h  # (B, T, d_model)
         cache.exit_ids[:, start:start + T] = ids

@@ -224,10 +224,13 @@ class Decoder(nn.Module):
 class KVCache:
     """The decoder's state for one batch of sources.
 
-    Self-attention keys/values sit in buffers preallocated for `max_length` positions; only the first
-    `length` are valid, so crop(n) is O(1) and later decoding simply overwrites the dropped positions.
+    Self-attention keys/values sit in buffers of `capacity` positions; only the first `length` are valid, so
+    crop(n) is O(1) and later decoding simply overwrites the dropped positions. A write past the capacity doubles
+    it (amortized O(1) per position) up to `max_length`, the most positions the cache accepts, so a generous
+    max_length costs no memory until it is used. Unwritten positions hold zeros, never garbage.
     Cross-attention keys/values are computed once from the encoder output and never change.
     """
+    initial_capacity = 64  # positions allocated up front (at most max_length)
     packed = None  # the decoder's tokens come as (B, T, d_model); batched BiLD's ragged.RaggedCall packs them
 
     def __init__(self, cross_keys, cross_values, cross_bias, max_length: int):
@@ -235,10 +238,24 @@ class KVCache:
         like = cross_keys[0]
         self.cross_keys, self.cross_values = cross_keys, cross_values  # per layer (B, H, S, D)
         self.cross_bias = cross_bias  # (B, 1, 1, S): 0 for source tokens, -inf-like for padding
-        self.keys = [like.new_empty(B, H, max_length, D) for _ in cross_keys]  # per layer (B, H, max_length, D)
-        self.values = [like.new_empty(B, H, max_length, D) for _ in cross_keys]
-        self.max_length = max_length
+        self.max_length, self.capacity = max_length, min(max_length, self.initial_capacity)
+        self.keys = [like.new_zeros(B, H, self.capacity, D) for _ in cross_keys]  # per layer (B, H, capacity, D)
+        self.values = [like.new_zeros(B, H, self.capacity, D) for _ in cross_keys]
         self.length = 0  # decoder positions held by every layer
+
+    def reserve(self, end: int):
+        """Make room for positions up to end - 1: double the capacity (at least to end), at most max_length."""
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds at most {self.max_length} decoder positions, asked for {end}: "
+                             "make the cache with a larger max_length")
+        if end > self.capacity:
+            self.capacity = min(self.max_length, max(end, 2 * self.capacity))
+
+            def grown(buffer):  # (B, H, capacity, D), the old positions copied, the new ones zero
+                new = buffer.new_zeros(*buffer.shape[:2], self.capacity, buffer.shape[3])
+                new[:, :, :buffer.shape[2]] = buffer
+                return new
+            self.keys, self.values = list(map(grown, self.keys)), list(map(grown, self.values))
 
     def positions(self, start: int, T: int):
         """Where T queries fed at start sit, (T,), and how many keys they see: start + T."""
@@ -247,9 +264,7 @@ class KVCache:
     def update(self, layer: int, start: int, k, v):
         """Write keys/values of positions start.. ; return the layer's keys/values up to the last one."""
         end = start + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KVCache holds at most {self.max_length} decoder positions, asked for {end}: "
-                             "make the cache with a larger max_length")
+        self.reserve(end)
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -281,6 +296,33 @@ def check_ids(name: str, ids, vocab_size: int | None = None):
         raise ValueError(f"{name} holds ids outside [0, {vocab_size}): min {ids.min().item()}, max {ids.max().item()}")
 
 
+def check_sources(input_ids, attention_mask=None, vocab_size: int | None = None):
+    """The one check of a batch of sources, for T5.encode, minibild.greedy and batch.generate_batch: input_ids a
+    non-empty integer tensor (B, S) of ids in [0, vocab_size), and attention_mask None (no padding) or a tensor of
+    the same shape holding, in each row, 1s (source tokens) then 0s (padding), at least one 1."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids has no rows: {tuple(input_ids.shape)}; give at least one source")
+    check_ids("input_ids", input_ids, vocab_size)
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a torch tensor of 0s and 1s, shaped as input_ids "
+                         f"{tuple(input_ids.shape)}, got {type(attention_mask).__module__}.{type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected input_ids' "
+                         f"{tuple(input_ids.shape)}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (source tokens)")
+    lengths = attention_mask.long().sum(1)
+    if (lengths == 0).any():
+        row = (lengths == 0).nonzero()[0].item()
+        raise ValueError(f"attention_mask row {row} is all zeros: every row needs at least one source token")
+    right_padded = torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None]
+    if (attention_mask != right_padded).any():
+        row = (attention_mask != right_padded).any(1).nonzero()[0].item()
+        raise ValueError(f"attention_mask row {row} is not right-padded: it must be 1s, then 0s")
+
+
 class T5(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
@@ -292,8 +334,8 @@ class T5(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def encode(self, input_ids, attention_mask=None):
-        """Source ids (B, S), mask 1 for tokens and 0 for padding -> encoder output (B, S, d_model)."""
-        check_ids("input_ids", input_ids, self.config.vocab_size)
+        """Source ids (B, S), right-padded: mask 1 for tokens, then 0 for padding -> encoder output (B, S, d_model)."""
+        check_sources(input_ids, attention_mask, self.config.vocab_size)
         return self.encoder(self.embed(input_ids), self._padding_bias(attention_mask, *input_ids.shape))
 
     def _padding_bias(self, attention_mask, batch: int, length: int):

@@ -10,7 +10,28 @@ from .generate import greedy
 from .model import T5
 from .sampling import bild_sample, check_temperature, sample
 
-MODES = ("bild", "large", "small", "speculative", "official")
+# The settings each mode uses, besides max_new_tokens and temperature (every mode's) and seed (any mode's, when it
+# samples): Mode's fields, and "small_model", the small model (a checkpoint, or an early exit of the large one).
+# The CLI refuses a setting given to a mode that does not use it (check_used); a new mode is one more entry.
+MODES = {
+    "bild": ("fallback_threshold", "rollback_threshold", "max_small_steps", "small_model"),
+    "large": (),
+    "small": ("small_model",),
+    "speculative": ("max_small_steps", "small_model"),  # max_small_steps is the draft length k
+    "official": ("fallback_threshold", "rollback_threshold", "max_small_steps", "small_model"),  # minibild.official
+}
+
+
+def check_used(mode: str, given: dict[str, str], temperature: float):
+    """Refuse a setting the mode would ignore. given: each setting given (a name as in MODES, or "seed") -> how it
+    was given (a CLI flag), which the one-line error names."""
+    for setting, flag in given.items():
+        if setting == "seed" and not temperature:
+            raise ValueError(f"{flag} seeds sampling, and --mode {mode} decodes greedily at --temperature 0: drop "
+                             f"{flag}, or sample with --temperature > 0")
+        if setting != "seed" and setting not in MODES[mode]:
+            uses = ", ".join(MODES[mode]) or "neither thresholds nor a small model"
+            raise ValueError(f"{flag} has no effect in --mode {mode} (it uses {uses}): drop it")
 
 
 @dataclass(frozen=True)

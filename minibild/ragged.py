@@ -1,7 +1,7 @@
 """A decoder cache in which every row holds its own number of positions, for batched BiLD (batch.py).
 
 In batched BiLD each row has its own output y, so its cache holds its own number of positions, and a call
-feeds each row its own number of tokens. `RaggedKVCache` keeps KVCache's buffers (B, H, max_length, D) per
+feeds each row its own number of tokens. `RaggedKVCache` keeps KVCache's buffers (B, H, capacity, D) per
 layer and one length per row, `lengths` (a list of B ints, kept on the host). `decode(model, cache, rows,
 tokens)` runs one decoder call over some of the rows:
 
@@ -35,9 +35,8 @@ class RaggedKVCache:
     def __init__(self, kv: KVCache):
         if kv.length != 0:
             raise ValueError(f"RaggedKVCache needs an empty KVCache, got one holding {kv.length} positions")
-        for buffer in kv.keys + kv.values:
-            # A masked key's weight is exactly 0, but 0 * NaN is NaN: no position may hold garbage from new_empty.
-            buffer.zero_()
+        # A masked key's weight is exactly 0, but 0 * NaN is NaN: no position may hold garbage. KVCache's
+        # unwritten positions hold zeros, also after it grows.
         self.kv, self.max_length = kv, kv.max_length
         self.lengths = [0] * kv.cross_bias.shape[0]  # decoder positions held, per row (kept on the host)
 
@@ -75,9 +74,7 @@ class RaggedCall:
         counts = [fed.get(b, 0) for b in rows]  # tokens fed per call row; 0: idle
         starts = [cache.lengths[b] for b in rows]  # each row's first new position
         self.key_length = max(s + f for s, f in zip(starts, counts))  # the longest row's new end: keys 0..key_length-1
-        if self.key_length > cache.max_length:
-            raise ValueError(f"RaggedKVCache holds at most {cache.max_length} decoder positions, asked for "
-                             f"{self.key_length}: make the cache with a larger max_length")
+        cache.kv.reserve(self.key_length)  # grows the buffers (B, H, capacity, D) when needed
         device, (A, T) = cache.kv.cross_bias.device, (len(rows), max(counts))
         self.cache, self.shape, self.row_list, self.counts = cache, (A, T), rows, counts
         self.rows, self.start = torch.tensor(rows, device=device), torch.tensor(starts, device=device)  # (A,) each
@@ -121,7 +118,7 @@ class RaggedCall:
     def update(self, layer: int, start, k, v):
         """Write the packed tokens' keys/values (1, H, n, D) at their rows' own positions. Return the call's rows'
         keys/values at 0..key_length-1, (A, H, key_length, D) each."""
-        keys, values = self.cache.kv.keys[layer], self.cache.kv.values[layer]  # (B, H, max_length, D)
+        keys, values = self.cache.kv.keys[layer], self.cache.kv.values[layer]  # (B, H, capacity, D)
         keys[self.real_rows, :, self.real_positions] = k[0].transpose(0, 1)  # (n, H, D)
         values[self.real_rows, :, self.real_positions] = v[0].transpose(0, 1)
         return self.gather(keys[:, :, :self.key_length]), self.gather(values[:, :, :self.key_length])

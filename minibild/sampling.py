@@ -55,8 +55,13 @@ class Uniforms:
 
 
 def probabilities(logits, temperature: float):
-    """softmax(logits / T), in float32 at least (float64 stays float64): (..., V) -> (..., V)."""
-    return (logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature).softmax(-1)
+    """softmax(logits / T), in float32 at least (float64 stays float64): (..., V) -> (..., V).
+    Computed as softmax((logits - max) / T), so that no value exceeds 0: logits / T alone overflows to inf for a
+    small T (inf - inf is NaN in the softmax). As T -> 0 this tends to argmax decoding (ties share the mass);
+    where T is below the dtype's smallest number, (logits - max) / T is 0 at the max and -inf elsewhere."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    below_max = logits - logits.max(-1, keepdim=True).values  # <= 0
+    return torch.where(below_max == 0, 0.0, below_max / temperature).softmax(-1)
 
 
 def accept_probability(p: float, q: float) -> float:

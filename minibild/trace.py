@@ -71,7 +71,7 @@ class LargeStep:
 
 @dataclass
 class SampledSmallStep:
-    """One small-model call when sampling (bild.sample): it fed `fed` at positions start.. and drew `token` from q,
+    """One small-model call when sampling (bild_sample): it fed `fed` at positions start.. and drew `token` from q,
     its distribution at the temperature, unless q's top probability fell below the fallback threshold."""
     model: str = field(default="small", init=False)
     kind: str = field(default="sampled", init=False)
@@ -120,7 +120,7 @@ def _ids(ids) -> str:
 
 @dataclass(frozen=True)
 class BiLDStats:
-    """Counts for one call of `bild.generate` (or `bild.sample`, whose rejections count as rollbacks), read off
+    """Counts for one call of `bild.generate` (or `bild_sample`, whose rejections count as rollbacks), read off
     its trace. They add up:
 
         len(tokens)  == large_tokens + small_tokens
@@ -162,13 +162,13 @@ def format_trace(trace) -> str:
 
 
 FORMAT, VERSION = "minibild-trace", 1
-RULES = ("bild", "official")  # bild.generate / bild.sample, or minibild.official
+RULES = ("bild", "official")  # bild.generate / bild_sample, or minibild.official
 
 
 @dataclass(frozen=True)
 class TraceHeader:
     """What made a trace, written as its first record: everything a diff needs besides the calls."""
-    rule: str  # "bild" (bild.generate, bild.sample) or "official" (minibild.official)
+    rule: str  # "bild" (bild.generate, bild_sample) or "official" (minibild.official)
     fallback_threshold: float
     rollback_threshold: float | None  # None when sampling, which has none
     max_small_steps: int

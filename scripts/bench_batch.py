@@ -9,7 +9,7 @@ rounds. Batch size 1 runs the batch-1 code (minibild.greedy on one row, bild.gen
 greedy and batch.generate_batch, on batches of consecutive sources. Throughput: output tokens over the pass's
 seconds. A sentence's latency is its batch's seconds (it waits for the whole batch); the median over sentences.
 Every system must give the same outputs at every batch size; the script says whether it does. Where the time goes:
-every decoder call is timed (batch-1 code and batched greedy call T5.decode, batched BiLD ragged.decode), giving
+every decoder call is timed (batch-1 code and batched greedy call the model's decode, batched BiLD ragged.decode), giving
 per model its calls, rows and tokens per call and ms per call, and the seconds outside the calls (encoders,
 decisions, the loop). Last, how exact BiLD scales against large greedy from batch 1 to the second batch size given
 (8 by default): the ratio of the two throughput gains, which minibild aims to keep >= 0.8, the same ratio from each
@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import (DTYPES, WEIGHTS, UsageError, device_name, load_pair, read_sources,  # noqa: E402
                       report_errors)
-from minibild import bild, ragged  # noqa: E402
-from minibild.model import T5  # noqa: E402
+from minibild import bild  # noqa: E402
 from minibild.modes import Mode  # noqa: E402
+from minibild.observed import observed  # noqa: E402
 
 SYSTEMS = {"large greedy": Mode("large"), "BiLD": Mode("bild"),
            "exact BiLD": Mode("bild", rollback_threshold=0.0), "speculative": Mode("speculative", max_small_steps=5)}
@@ -57,33 +58,26 @@ def parse_args(argv):
 
 
 class CallLog:
-    """Every decoder call of a pass, timed: batch-1 code and batched greedy call T5.decode, batched BiLD ragged.decode
-    (which does not go through T5.decode). Per model: calls, rows and tokens fed, seconds inside the calls."""
+    """Every decoder call of a pass, timed: the large and small models observed (minibild/observed.py), their decode
+    calls (batch-1 code, batched greedy) and decode_rows calls (batched BiLD's ragged.decode). Per model: calls,
+    rows and tokens fed, seconds inside the calls."""
 
     def __init__(self, large, small):
-        self.names = {id(large): "large", id(small): "small"}
         self.log = []  # (model name, rows, tokens, seconds)
+        self.large, self.small = (observed(model, partial(self.timed, name))
+                                  for name, model in (("large", large), ("small", small)))
 
-    def __enter__(self):
-        self.saved = T5.decode, ragged.decode
-        t5_decode, ragged_decode = self.saved
-
-        def logged_t5(model, ids, cache):
-            return self.timed(model, ids.shape[0], ids.numel(), t5_decode, model, ids, cache)
-
-        def logged_ragged(model, cache, rows, tokens):
-            return self.timed(model, len(rows), sum(map(len, tokens)), ragged_decode, model, cache, rows, tokens)
-        T5.decode, ragged.decode = logged_t5, logged_ragged
-        return self
-
-    def timed(self, model, rows: int, tokens: int, decode, *args):
+    def timed(self, name: str, call: str, method, *args):
+        if call == "encode":
+            return method(*args)
+        if call == "decode":  # (ids (B, T), cache)
+            rows, tokens = args[0].shape[0], args[0].numel()
+        else:  # decode_rows: (cache, rows, tokens per row)
+            rows, tokens = len(args[1]), sum(map(len, args[2]))
         start = time.perf_counter()
-        out = decode(*args)
-        self.log.append((self.names[id(model)], rows, tokens, time.perf_counter() - start))
+        out = method(*args)
+        self.log.append((name, rows, tokens, time.perf_counter() - start))
         return out
-
-    def __exit__(self, *exc):
-        T5.decode, ragged.decode = self.saved
 
     def summary(self) -> dict:
         """Per model: calls, mean rows and tokens per call, seconds inside its calls."""
@@ -100,12 +94,12 @@ class CallLog:
 def timed_pass(mode: Mode, large, small, sources: list[list[int]], batch_size: int) -> tuple[list, list[float], dict]:
     """Decode every source once, batch_size at a time -> (tokens per source, seconds per batch, CallLog summary)."""
     outputs, seconds = [], []
-    with CallLog(large, small) as calls:
+    calls = CallLog(large, small)
+    start = time.perf_counter()
+    for rows in mode.decode_batches(calls.large, calls.small, sources, batch_size):
+        seconds.append(time.perf_counter() - start)
+        outputs += [tokens for tokens, _ in rows]
         start = time.perf_counter()
-        for rows in mode.decode_batches(large, small, sources, batch_size):
-            seconds.append(time.perf_counter() - start)
-            outputs += [tokens for tokens, _ in rows]
-            start = time.perf_counter()
     return outputs, seconds, calls.summary()
 
 

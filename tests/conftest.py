@@ -2,7 +2,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hypothesis
 import pytest
 import torch
 
@@ -11,23 +10,6 @@ import minibild
 # The test models are tiny: extra threads only add synchronisation, and on a loaded machine OpenMP's
 # waiting threads make each small op up to 100x slower.
 torch.set_num_threads(1)
-
-# Hypothesis (6.131 and later) mixes literals it finds in the project's own modules into the values it draws,
-# so a constant added to any module, or one more test file collected, changes the examples every property test
-# draws, and with them the counts of the loop's paths that test_bild.py asserts. Draw from the strategies alone.
-try:
-    from hypothesis.internal.conjecture import providers
-    from hypothesis.internal.constants_ast import Constants
-
-    if not hasattr(providers, "_get_local_constants"):
-        raise ImportError("no providers._get_local_constants")
-    providers._get_local_constants = Constants
-except ImportError:
-    if hypothesis.version.__version_info__ >= (6, 131):  # a newer Hypothesis moved these private names: say so
-        raise ImportError(f"tests/conftest.py cannot stop Hypothesis {hypothesis.__version__} from drawing the "
-                          "project's own literals (its private providers._get_local_constants moved); install "
-                          "hypothesis<=6.155.2, the newest version tested, or update conftest.py") from None
-    # an older Hypothesis draws no local constants: nothing to do
 
 # scripts/ is not a package: put it on the path so tests can `import prepare_data` etc.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

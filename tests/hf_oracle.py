@@ -1,6 +1,8 @@
 """The oracle side of the tests: random T5 checkpoints written by transformers, and transformers'
 own answers (logits, greedy tokens) to compare minibild against."""
 import torch
+import transformers
+from packaging.version import Version
 from transformers import T5Config as HFConfig
 from transformers import T5ForConditionalGeneration
 from transformers.utils import logging as hf_logging
@@ -39,7 +41,10 @@ def random_hf_t5(seed: int = 0, **config) -> T5ForConditionalGeneration:
 
 
 def load_hf(hf_dir, dtype=torch.float32) -> T5ForConditionalGeneration:
-    return T5ForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    # Loaded in dtype (not converted after: a float64 checkpoint loaded as float32 loses its precision); the
+    # argument is called torch_dtype before transformers 4.56.
+    name = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return T5ForConditionalGeneration.from_pretrained(hf_dir, **{name: dtype}).eval()
 
 
 def float64_faithful_layer_norm(self, hidden_states):

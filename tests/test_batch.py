@@ -7,6 +7,7 @@ Models, sources and settings are test_bild.py's (tests/tiny_models.py).
 """
 import ast
 import copy
+import json
 import math
 import random
 import subprocess
@@ -21,7 +22,8 @@ from hypothesis import given, settings, strategies as st
 import minibild
 from minibild import bild, ragged
 from minibild.batch import generate_batch, right_pad
-from tiny_models import EOS, PAD, VOCAB, assert_reached, lengths, model_pair, pair_args, random_source, steps
+from tiny_models import (EOS, LENGTHS, PAIR, PAD, STEPS, VOCAB, assert_reached, lengths, model_pair, pair_args,
+                         random_source, seeded_cases, steps, uniform)
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 batches = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6).map(lambda seeds: [random_source(s)[0]
@@ -79,24 +81,34 @@ def batch_paths(results) -> Counter:
     return seen
 
 
-def test_each_row_is_bild_generate_on_that_row_alone():
-    seen = Counter()
+def each_row_is_bild_generate_alone(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources):
+    large, small = model_pair(*args)
+    kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                  max_small_steps=N, max_new_tokens=max_new_tokens)
+    results = generate_batch(large, small, *padded(sources), **kwargs)
+    assert len(results) == len(sources)
+    for src, result in zip(sources, results):
+        assert_same_result(result, bild.generate(large, small, src[None], **kwargs))
+    return batch_paths(results) + Counter({"padded sources": len({len(src) for src in sources}) > 1})
 
-    @settings(SETTINGS, max_examples=60)
-    @given(pair_args, st.floats(0, 1.2), st.floats(0, 8), steps, lengths, batches)
-    def check(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources):
-        large, small = model_pair(*args)
-        kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
-                      max_small_steps=N, max_new_tokens=max_new_tokens)
-        results = generate_batch(large, small, *padded(sources), **kwargs)
-        assert len(results) == len(sources)
-        for src, result in zip(sources, results):
-            assert_same_result(result, bild.generate(large, small, src[None], **kwargs))
-        seen.update(batch_paths(results))
-        seen["padded sources"] += len({len(src) for src in sources}) > 1
 
-    check()
-    assert_reached(seen, list(seen), least=5)  # every path batch_paths counts, and padding
+@SETTINGS
+@given(pair_args, st.floats(0, 1.2), st.floats(0, 8), steps, lengths, batches)
+def test_each_row_is_bild_generate_on_that_row_alone(args, fallback_threshold, rollback_threshold, N,
+                                                     max_new_tokens, sources):
+    each_row_is_bild_generate_alone(args, fallback_threshold, rollback_threshold, N, max_new_tokens, sources)
+
+
+def BATCH(rng):  # as `batches`, for seeded_cases
+    return [random_source(rng.getrandbits(32))[0] for _ in range(rng.randint(1, 6))]
+
+
+def test_each_row_alone_reaches_every_interplay_of_rows():
+    seen = sum((each_row_is_bild_generate_alone(*case)
+                for case in seeded_cases(60, PAIR, uniform(0, 1.2), uniform(0, 8), STEPS, LENGTHS, BATCH)), Counter())
+    assert_reached(seen, ["rollback while another row falls back", "rollback while another row finishes",
+                          "rollback while another row accepts", "rows end at EOS and at the cap",
+                          "rows of different lengths", "padded sources"], least=5)
 
 
 def test_permuting_rows_permutes_results():
@@ -116,24 +128,30 @@ def test_permuting_rows_permutes_results():
     check()
 
 
-def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched():
-    early_exits = []  # examples in which a row ends at EOS while another goes on: batched greedy drops it
+def rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, sources) -> bool:
+    """Row by row and batched; True when a row ends at EOS while another goes on (batched greedy drops it)."""
+    large, small = model_pair(*args)
+    results = generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
+                                  rollback_threshold=0.0, max_small_steps=N, max_new_tokens=max_new_tokens)
+    tokens = [result.tokens for result in results]
+    assert tokens == [minibild.greedy(large, src[None], max_new_tokens)[0] for src in sources]
+    ids, mask = padded(sources)
+    assert tokens == minibild.greedy(large, ids, max_new_tokens, attention_mask=mask)
+    longest = max(map(len, tokens))
+    return any(t[-1:] == [EOS] and len(t) < longest for t in tokens)
 
-    @SETTINGS
-    @given(pair_args, st.floats(0, 1), steps, lengths, batches)
-    def check(args, fallback_threshold, N, max_new_tokens, sources):
-        large, small = model_pair(*args)
-        results = generate_batch(large, small, *padded(sources), fallback_threshold=fallback_threshold,
-                                      rollback_threshold=0.0, max_small_steps=N, max_new_tokens=max_new_tokens)
-        tokens = [result.tokens for result in results]
-        assert tokens == [minibild.greedy(large, src[None], max_new_tokens)[0] for src in sources]
-        ids, mask = padded(sources)
-        assert tokens == minibild.greedy(large, ids, max_new_tokens, attention_mask=mask)
-        longest = max(map(len, tokens))
-        early_exits.append(any(t[-1:] == [EOS] and len(t) < longest for t in tokens))
 
-    check()
-    assert sum(early_exits) >= 5, f"only {sum(early_exits)} examples had a row finish before another"
+@SETTINGS
+@given(pair_args, st.floats(0, 1), steps, lengths, batches)
+def test_rollback_threshold_zero_is_large_greedy_row_by_row_and_batched(args, fallback_threshold, N,
+                                                                        max_new_tokens, sources):
+    rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, sources)
+
+
+def test_rollback_threshold_zero_cases_have_rows_finishing_early():
+    early_exits = [rollback_zero_is_large_greedy(*case)
+                   for case in seeded_cases(25, PAIR, uniform(0, 1), STEPS, LENGTHS, BATCH)]
+    assert sum(early_exits) >= 5, f"only {sum(early_exits)} cases had a row finish before another"
 
 
 def test_ragged_cache_holds_what_one_row_alone_would(monkeypatch):
@@ -277,3 +295,72 @@ def test_bild_imports_none_of_the_modules_built_on_it():
     tree = ast.parse(Path(bild.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported & {"batch", "sampling", "official"} == set(), imported
+
+
+def test_caches_grow_as_they_fill(monkeypatch):
+    """A cache allocates KVCache.initial_capacity positions, whatever its max_length, and doubles as decoding writes
+    past them: a large max_new_tokens costs no memory until it is used (batch 2 with --max-new-tokens 20000 took
+    1.9 GB). Growing from capacity 1 (at every power of 2) changes no output of greedy, BiLD, batched BiLD or
+    early-exit BiLD, whose caches (KVCache, RaggedKVCache, EarlyExitCache) all grow."""
+    large, small = model_pair("disagree", 1)
+    sources = [random_source(seed)[0] for seed in range(3)]
+    ids, mask = padded(sources)
+    early_exit = minibild.EarlyExit(large, 1)
+    encoded = large.encode(ids, mask)
+    assert large.new_cache(encoded, mask, max_length=20000).keys[0].shape[2] == 64
+    assert ragged.RaggedKVCache(large.new_cache(encoded, mask, max_length=20000)).kv.values[0].shape[2] == 64
+    _, shared, _ = early_exit.share_cache(sources[0][None], max_length=20000)
+    assert shared.kv.keys[0].shape[2] == shared.exit_hidden.shape[1] == shared.exit_ids.shape[1] == 64
+
+    def outputs():
+        settings = dict(fallback_threshold=0.5, rollback_threshold=1.0, max_small_steps=3, max_new_tokens=24)
+        return (minibild.greedy(large, ids, 24, mask),
+                [bild.generate(large, small, source[None], **settings).tokens for source in sources],
+                [result.tokens for result in generate_batch(large, small, ids, mask, **settings)],
+                [bild.generate(large, early_exit, source[None], **settings).tokens for source in sources])
+
+    expected = outputs()
+    assert max(len(tokens) for tokens in expected[0]) == 24
+    monkeypatch.setattr(minibild.model.KVCache, "initial_capacity", 1)
+    assert outputs() == expected
+
+
+def first_divergence(alone: bild.BiLDResult, batched: bild.BiLDResult):
+    """The first step at which two traces take another decision (or feed other tokens), or None."""
+    return next((i for i, (a, b) in enumerate(zip(alone.trace, batched.trace))
+                 if (a.model, a.start, a.fed, a.decision) != (b.model, b.start, b.fed, b.decision)), None)
+
+
+def test_float32_batches_are_batch_one_except_at_near_ties_on_real_sentences():
+    """README's statement, on the shipped pair in float32 (the CLI's default): a batched call sums in another order,
+    so a row's probabilities differ from batch 1's by up to about 3e-6, and its tokens and decisions are batch 1's
+    except where a probability lies that close to a threshold. A fallback threshold placed between a probability's
+    two values changes the decision there, and only there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    large, small = (minibild.load(root / "weights" / name) for name in ("large", "small"))
+    tok = minibild.Tokenizer(root / "weights" / "large" / "spiece.model")
+    lines = (root / "data" / "test.jsonl").read_text().splitlines()[:4]
+    sources = [torch.tensor(tok.encode(json.loads(line)["source"])) for line in lines]
+    batched = generate_batch(large, small, *padded(sources))
+    alone = [bild.generate(large, small, src[None]) for src in sources]
+    pairs = []  # (batch 1's, batch 4's) probability at every small step
+    for a, b in zip(alone, batched):
+        assert (a.tokens, first_divergence(a, b)) == (b.tokens, None)
+        pairs += [(s.prob, t.prob) for s, t in zip(a.trace, b.trace) if s.model == "small"]
+        for s, t in zip(a.trace, b.trace):
+            if s.model == "large":
+                assert all(abs(x - y) <= 2e-5 for x, y in zip(s.cross_entropy, t.cross_entropy))
+    differences = [abs(p - q) for p, q in pairs]
+    assert max(differences) <= 5e-6 and sum(d > 0 for d in differences) > len(pairs) / 4  # not bit-identical
+    # Between the two values of the most different probability (which decided "pending"), the decision flips.
+    row = next(i for i, (a, b) in enumerate(zip(alone, batched))
+               if max(abs(s.prob - t.prob) for s, t in zip(a.trace, b.trace) if s.model == "small") == max(differences))
+    p, q = max(((s.prob, t.prob) for s, t in zip(alone[row].trace, batched[row].trace) if s.model == "small"),
+               key=lambda pq: abs(pq[0] - pq[1]))
+    threshold = (p + q) / 2
+    a = bild.generate(large, small, sources[row][None], fallback_threshold=threshold)
+    b = generate_batch(large, small, *padded(sources), fallback_threshold=threshold)[row]
+    i = first_divergence(a, b)
+    assert i is not None and a.trace[i].model == "small" and abs(a.trace[i].prob - threshold) < 5e-6

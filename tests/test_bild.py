@@ -3,15 +3,15 @@
 Models are tiny random float64 T5s (tests/tiny_models.py). "agree" pairs: the small model is the large one plus
 a little noise, so most small tokens are accepted. "disagree" pairs: an independent, narrower small model, so
 rollbacks are common. "same": one model as both. Every run goes through `checked_generate`, which records each
-decode/encode call and replays the trace against an independent reading of the policy. Each property test
-counts the paths of the loop its examples reached (`paths`) and asserts a minimum for every path it can reach.
+decode/encode call and replays the trace against an independent reading of the policy. Each property is checked
+on Hypothesis' examples, and again on a fixed list of seeded cases that count the paths of the loop they reach
+(`paths`) and assert a minimum for every path the property can reach.
 """
 import copy
 import dataclasses
 import json
 import math
 from collections import Counter
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,10 +20,11 @@ from hypothesis import given, settings, strategies as st
 import minibild
 from minibild import bild
 from minibild.bild import format_trace, generate, speculative, trace_from_jsonl, trace_to_jsonl
-from tiny_models import (ALL_PATHS, EOS, VOCAB, assert_reached, lengths, model_pair, pair_args, paths, random_t5,
-                         seeds, sources, steps)
+from minibild.observed import observed
+from tiny_models import (ALL_PATHS, EOS, LENGTHS, PAIR, SEEDS, SOURCE, STEPS, VOCAB, assert_reached, lengths,
+                         model_pair, pair_args, paths, pick, random_t5, seeded_cases, seeds, sources, steps, uniform)
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,31 +36,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@contextmanager
-def recording(*models):
-    """Record every decode call as (cache, cache.length before, ids fed) and every encode call's model."""
+def recording(large, small):
+    """(large, small) observed (minibild/observed.py): every decode call recorded as (cache, cache.length before,
+    ids fed), every encode call as the model that ran it -> (large, small, decodes, encodes) to give generate. With
+    an early-exit small model the large model is returned as is: it decodes as the small model's shared_large."""
     decodes, encodes = [], []
-    unique = {id(m): m for m in models}.values()
 
-    def wrap(model):
-        decode, encode = model.decode, model.encode
-
-        def recorded_decode(ids, cache):
+    def record(call, method, *args, **kwargs):
+        if call == "encode":
+            encodes.append(method.__self__)
+        else:
+            ids, cache = args
             decodes.append((cache, cache.length, ids[0].tolist()))
-            return decode(ids, cache)
-
-        def recorded_encode(*args, **kwargs):
-            encodes.append(model)
-            return encode(*args, **kwargs)
-        model.decode, model.encode = recorded_decode, recorded_encode
-
-    for model in unique:
-        wrap(model)
-    try:
-        yield decodes, encodes
-    finally:
-        for model in unique:
-            del model.decode, model.encode
+        return method(*args, **kwargs)
+    early_exit = isinstance(small, minibild.EarlyExit)
+    return large if early_exit else observed(large, record), observed(small, record), decodes, encodes
 
 
 def checked_generate(large, small, src, oracle=False, **kwargs):
@@ -68,9 +59,8 @@ def checked_generate(large, small, src, oracle=False, **kwargs):
     # With an early-exit small model, the large model decodes on the shared cache as small.shared_large, and
     # its encoder is the only one that runs.
     early_exit = isinstance(small, minibild.EarlyExit)
-    decoding_large = small.shared_large if early_exit else large
-    with recording(decoding_large, small) as (decodes, encodes):
-        result = generate(large, small, src, **kwargs)
+    observed_large, observed_small, decodes, encodes = recording(large, small)
+    result = generate(observed_large, observed_small, src, **kwargs)
     fallback_threshold = kwargs.get("fallback_threshold", bild.FALLBACK_THRESHOLD)
     rollback_threshold = kwargs.get("rollback_threshold", bild.ROLLBACK_THRESHOLD)
     N = kwargs.get("max_small_steps", bild.MAX_SMALL_STEPS)
@@ -78,7 +68,10 @@ def checked_generate(large, small, src, oracle=False, **kwargs):
     tokens, stats, trace = result.tokens, result.stats, result.trace
 
     # Each encoder once; one decode call per trace step, each on its own model's cache.
-    assert sorted(map(id, encodes)) == sorted(map(id, [decoding_large] if early_exit else [large, small]))
+    if early_exit:
+        assert len(encodes) == 1 and encodes[0].large is large  # the shared large model's encoder
+    else:
+        assert sorted(map(id, encodes)) == sorted(map(id, [large, small]))
     assert len(decodes) == len(trace)
     caches = {}
     for step, (cache, _, _) in zip(trace, decodes):
@@ -160,110 +153,140 @@ def large_greedy(large, src, max_new_tokens):
     return minibild.greedy(large, src, max_new_tokens)[0]
 
 
-def test_rollback_threshold_zero_is_large_greedy():
-    seen = Counter()
+# Each property below is a function of one example: its test checks it on Hypothesis' examples, and its coverage
+# test on a fixed list of seeded cases (tiny_models.seeded_cases), which must reach every path the property can.
+N_CASES = 60
 
-    @SETTINGS
-    @given(pair_args, st.floats(0, 1), steps, lengths, sources)
-    def check(args, fallback_threshold, N, max_new_tokens, src):
-        large, small = model_pair(*args)
-        result = checked_generate(large, small, src, fallback_threshold=fallback_threshold, rollback_threshold=0.0,
-                                  max_small_steps=N, max_new_tokens=max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        seen.update(paths(result))
 
-    check()
+def rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, src):
+    large, small = model_pair(*args)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold, rollback_threshold=0.0,
+                              max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    return paths(result)
+
+
+@SETTINGS
+@given(pair_args, st.floats(0, 1), steps, lengths, sources)
+def test_rollback_threshold_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, src):
+    rollback_zero_is_large_greedy(args, fallback_threshold, N, max_new_tokens, src)
+
+
+def test_rollback_threshold_zero_reaches_every_path():
+    seen = sum((rollback_zero_is_large_greedy(*case)
+                for case in seeded_cases(N_CASES, PAIR, uniform(0, 1), STEPS, LENGTHS, SOURCE)), Counter())
     assert_reached(seen, ALL_PATHS, least=5)
 
 
-def test_fallback_threshold_above_one_is_large_greedy():
-    seen = Counter()
+def fallback_above_one_is_large_greedy(args, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    large, small = model_pair(*args)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
+                              rollback_threshold=rollback_threshold, max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert result.stats.small_tokens == 0 and result.stats.fallbacks == result.stats.small_calls
+    return paths(result) + Counter({"fallback threshold inf": fallback_threshold == math.inf})
 
-    @SETTINGS
-    @given(pair_args, st.one_of(st.floats(1, 100, exclude_min=True), st.just(math.inf)), st.floats(0, 10), steps,
-           lengths, sources)
-    def check(args, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
-        large, small = model_pair(*args)
-        result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
-                                  rollback_threshold=rollback_threshold, max_small_steps=N,
-                                  max_new_tokens=max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        assert result.stats.small_tokens == 0 and result.stats.fallbacks == result.stats.small_calls
-        seen.update(paths(result))
-        seen["fallback threshold inf"] += fallback_threshold == math.inf
 
-    check()
+@SETTINGS
+@given(pair_args, st.one_of(st.floats(1, 100, exclude_min=True), st.just(math.inf)), st.floats(0, 10), steps,
+       lengths, sources)
+def test_fallback_threshold_above_one_is_large_greedy(args, fallback_threshold, rollback_threshold, N,
+                                                      max_new_tokens, src):
+    fallback_above_one_is_large_greedy(args, fallback_threshold, rollback_threshold, N, max_new_tokens, src)
+
+
+def test_fallback_threshold_above_one_reaches_every_path():
+    above_one = lambda rng: rng.choice([math.inf, rng.uniform(1.0001, 100)])  # noqa: E731
+    seen = sum((fallback_above_one_is_large_greedy(*case)
+                for case in seeded_cases(N_CASES, PAIR, above_one, uniform(0, 10), STEPS, LENGTHS, SOURCE)),
+               Counter())
     # The small model never keeps a token, so nothing is ever pending: no handover, no rollback, no accepted
     # small token, no EOS pending. What remains is a fallback on every small call and both ways to end.
     assert_reached(seen, ["fallback", "ends at EOS", "ends at cap", "fallback threshold inf"], least=5)
 
 
-def test_speculative_is_large_greedy_with_fewer_large_calls():
-    seen, totals = Counter(), Counter()
+def speculative_is_large_greedy(args, k, max_new_tokens, src):
+    large, small = model_pair(*args)
+    result = speculative(large, small, src, k, max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert result.stats.fallbacks == 0
+    assert result.trace == checked_generate(large, small, src, fallback_threshold=0.0, rollback_threshold=0.0,
+                                            max_small_steps=k, max_new_tokens=max_new_tokens).trace
+    return result
 
-    @SETTINGS
-    @given(pair_args, steps, lengths, sources)
-    def check(args, k, max_new_tokens, src):
-        large, small = model_pair(*args)
-        result = speculative(large, small, src, k, max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        assert result.stats.fallbacks == 0
-        assert result.trace == checked_generate(large, small, src, fallback_threshold=0.0, rollback_threshold=0.0,
-                                                max_small_steps=k, max_new_tokens=max_new_tokens).trace
+
+@SETTINGS
+@given(pair_args, steps, lengths, sources)
+def test_speculative_is_large_greedy(args, k, max_new_tokens, src):
+    speculative_is_large_greedy(args, k, max_new_tokens, src)
+
+
+def test_speculative_reaches_every_path_with_fewer_large_calls():
+    seen, totals = Counter(), Counter()
+    for case in seeded_cases(N_CASES, PAIR, STEPS, LENGTHS, SOURCE):
+        result = speculative_is_large_greedy(*case)
         seen.update(paths(result))
-        if args[0] == "agree":
+        if case[0][0] == "agree":
             totals["large_calls"] += result.stats.large_calls
             totals["tokens"] += len(result.tokens)
-
-    check()
     assert totals["large_calls"] < totals["tokens"], totals
     # Fallback threshold 0: no small token is ever discarded, so every other path is reachable.
     assert_reached(seen, [path for path in ALL_PATHS if path != "fallback"], least=5)
 
 
-def test_invariants_and_determinism():
+def invariants_and_determinism(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    large, small = model_pair(kind, seed)
+    kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                  max_small_steps=N, max_new_tokens=max_new_tokens)
+    first = checked_generate(large, small, src, oracle=True, **kwargs)
+    again = generate(large, small, src, **kwargs)
+    assert (again.tokens, again.stats) == (first.tokens, first.stats)
+    assert trace_to_jsonl(again.trace) == trace_to_jsonl(first.trace)
+    assert format_trace(again.trace) == format_trace(first.trace)
+    return paths(first) + Counter({"rolled back": first.stats.rolled_back_tokens})
+
+
+@SETTINGS
+@given(st.sampled_from(["agree", "disagree", "same"]), seeds, st.floats(0, 1.2), st.floats(0, 8), steps, lengths,
+       sources)
+def test_invariants_and_determinism(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    invariants_and_determinism(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src)
+
+
+def test_invariants_and_determinism_reach_every_path():
     seen = {kind: Counter() for kind in ("agree", "disagree", "same")}
-
-    @SETTINGS
-    @given(st.sampled_from(["agree", "disagree", "same"]), seeds, st.floats(0, 1.2), st.floats(0, 8), steps,
-           lengths, sources)
-    def check(kind, seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
-        large, small = model_pair(kind, seed)
-        kwargs = dict(fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
-                      max_small_steps=N, max_new_tokens=max_new_tokens)
-        first = checked_generate(large, small, src, oracle=True, **kwargs)
-        again = generate(large, small, src, **kwargs)
-        assert (again.tokens, again.stats) == (first.tokens, first.stats)
-        assert trace_to_jsonl(again.trace) == trace_to_jsonl(first.trace)
-        assert format_trace(again.trace) == format_trace(first.trace)
-        seen[kind].update(paths(first))
-        seen[kind]["rolled back"] += first.stats.rolled_back_tokens
-
-    check()
+    for case in seeded_cases(N_CASES, pick("agree", "disagree", "same"), pick(*SEEDS), uniform(0, 1.2),
+                             uniform(0, 8), STEPS, LENGTHS, SOURCE):
+        seen[case[0]] += invariants_and_determinism(*case)
     everything = seen["agree"] + seen["disagree"] + seen["same"]
     assert_reached(everything, [path for path in ALL_PATHS if path != "EOS rolled back"], least=5)
     # Rare here (rollback thresholds up to 8, and a third of the pairs never roll back); the rollback-0 and
-    # speculative tests reach it over 10 times each.
+    # speculative cases reach it more often.
     assert_reached(everything, ["EOS rolled back"], least=1)
     assert seen["agree"]["accepted"] > seen["agree"]["rolled back"], seen["agree"]  # the agreeing pair agrees
     assert seen["same"]["rollback"] == 0, seen["same"]
 
 
-def test_same_model_as_large_and_small_never_rolls_back():
-    seen = Counter()
+def same_model_never_rolls_back(seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
+    large, small = model_pair("same", seed)
+    result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
+                              rollback_threshold=rollback_threshold, max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.stats.rollbacks == 0
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    return paths(result)
 
-    @SETTINGS
-    @given(seeds, st.floats(0, 1), st.floats(0, 8), steps, lengths, sources)
-    def check(seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src):
-        large, small = model_pair("same", seed)
-        result = checked_generate(large, small, src, fallback_threshold=fallback_threshold,
-                                  rollback_threshold=rollback_threshold, max_small_steps=N,
-                                  max_new_tokens=max_new_tokens)
-        assert result.stats.rollbacks == 0
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        seen.update(paths(result))
 
-    check()
+@SETTINGS
+@given(seeds, st.floats(0, 1), st.floats(0, 8), steps, lengths, sources)
+def test_same_model_as_large_and_small_never_rolls_back(seed, fallback_threshold, rollback_threshold, N,
+                                                        max_new_tokens, src):
+    same_model_never_rolls_back(seed, fallback_threshold, rollback_threshold, N, max_new_tokens, src)
+
+
+def test_same_model_as_large_and_small_reaches_every_path():
+    seen = sum((same_model_never_rolls_back(*case)
+                for case in seeded_cases(N_CASES, pick(*SEEDS), uniform(0, 1), uniform(0, 8), STEPS, LENGTHS,
+                                         SOURCE)), Counter())
     # One model agrees with itself, so the large model accepts every pending token: no rollback is reachable.
     assert_reached(seen, [path for path in ALL_PATHS if not path.startswith(("rollback", "EOS rolled"))], least=5)
 
@@ -302,8 +325,8 @@ def test_one_new_token_is_the_large_models_first():
 def test_one_large_call_per_phase_and_one_encode_per_model():
     large, small = model_pair("agree")
     src = torch.tensor([[5, 6, 7, 8]])
-    with recording(large, small) as (decodes, encodes):
-        result = generate(large, small, src, max_small_steps=4, max_new_tokens=16)
+    observed_large, observed_small, decodes, encodes = recording(large, small)
+    result = generate(observed_large, observed_small, src, max_small_steps=4, max_new_tokens=16)
     assert [id(m) for m in encodes] == [id(large), id(small)]
     large_cache = decodes[0][0]
     assert sum(cache is large_cache for cache, _, _ in decodes) == result.stats.large_calls
@@ -348,7 +371,8 @@ def test_probabilities_in_float32_for_low_precision_models():
 ])
 def test_mismatched_models_are_rejected(small, message):
     large, small = model_pair("disagree")[0], small()
-    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=message):
         generate(large, small, torch.tensor([[3, 4]]))
     assert decodes == encodes == []
 
@@ -365,7 +389,8 @@ def test_mismatched_models_are_rejected(small, message):
 ])
 def test_bad_arguments_are_rejected(src, kwargs, message):
     large, small = model_pair("disagree")
-    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=message):
         generate(large, small, torch.tensor([[3, 4]]) if src is None else src, **kwargs)
     assert decodes == encodes == []
 
@@ -378,8 +403,8 @@ def test_bad_arguments_are_rejected(src, kwargs, message):
 def test_models_in_training_mode_are_refused(models, message):
     """Dropout would make every output random: five calls, five outputs, and rollback 0 no longer greedy."""
     large, small = models(*copy.deepcopy(model_pair("disagree")))
-    with recording(large, small) as (decodes, encodes), \
-            pytest.raises(ValueError, match=rf"^{message} is in training mode.*call \.eval\(\)"):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=rf"^{message} is in training mode.*call \.eval\(\)"):
         generate(large, small, torch.tensor([[3, 4]]))
     assert decodes == encodes == []
 
@@ -399,7 +424,8 @@ def test_counts_must_be_integers(name, value):
     """2.5 or inf pending tokens never equal N, so the small phase would never hand over; True is not a count."""
     large, small = model_pair("disagree")
     message = rf"^{name} must be an integer >= 1, got {value!r}$"
-    with recording(large, small) as (decodes, encodes), pytest.raises(ValueError, match=message):
+    large, small, decodes, encodes = recording(large, small)
+    with pytest.raises(ValueError, match=message):
         generate(large, small, torch.tensor([[3, 4]]), **{name: value})
     assert decodes == encodes == []
     if name == "max_new_tokens":

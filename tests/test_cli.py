@@ -12,6 +12,8 @@ import torch
 import minibild
 from minibild import bild
 from minibild.__main__ import main
+from minibild.modes import MODES
+from minibild.sampling import bild_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE, SMALL = ROOT / "weights" / "large", ROOT / "weights" / "small"
@@ -41,16 +43,21 @@ def test_shipped_pair_loads_with_its_tokenizer(pair):
     assert (large_path / "spiece.model").read_bytes() == (small_path / "spiece.model").read_bytes()
 
 
-def test_translates_a_known_sentence_sensibly(capsys):
-    status, out, _ = run_cli(capsys, "--mode", "small", "El que no ama, no conoce á Dios; porque Dios es amor.")
-    assert status == 0
-    words = out.lower()
-    assert out.count("\n") == 1 and "god" in words and "love" in words, out
+def test_the_quick_start_prints_what_readme_says(capsys):
+    """README's first command, its output as README gives it, and its verse from the test split (never trained on)."""
+    readme = (ROOT / "README.md").read_text()
+    text = re.search(r'pip install -e \. && python -m minibild "([^"]+)"', readme)[1]
+    printed = re.search(r"it prints\s+`([^`]+)`", readme)[1]
+    status, out, _ = run_cli(capsys, text)
+    assert (status, out) == (0, printed + "\n")
+    verse = [row for row in map(json.loads, PAIRS["small"][2].read_text().splitlines()) if row["source"] == text]
+    assert [(row["book"], row["chapter"], row["verse"]) for row in verse] == [("1John", 4, 19)], verse
 
 
 @pytest.mark.parametrize("mode", ["large", "small"])
 def test_the_kjv_pair_modernizes_a_known_verse(capsys, mode):
-    status, out, _ = run_cli(capsys, "--large", str(KJV / "large"), "--small", str(KJV / "small"), "--mode", mode,
+    model = ["--small", str(KJV / "small")] if mode == "small" else []
+    status, out, _ = run_cli(capsys, "--large", str(KJV / "large"), *model, "--mode", mode,
                              "And God said, Let there be light: and there was light.")
     assert status == 0 and out.startswith("God said, “Let there be light"), out  # the WEB's wording
 
@@ -110,13 +117,38 @@ def test_sampling_in_every_mode_is_seeded(capsys):
     """--temperature > 0 samples (bild_sample in the bild and speculative modes, minibild.sample in the others),
     each input with a generator seeded with --seed: the same seed gives the same line, wherever the input sits."""
     text = "Y dijo Dios: Sea la luz."
+    large, small = minibild.load(LARGE), minibild.load(SMALL)
+    tok = minibild.Tokenizer(LARGE / "spiece.model")
+    ids = torch.tensor([tok.encode(text)])
+
+    def expected(mode, seed):  # the library's own sampling with a generator seeded with seed
+        generator = torch.Generator().manual_seed(seed)
+        if mode in ("large", "small"):
+            tokens = minibild.sample(large if mode == "large" else small, ids, temperature=1.5, max_new_tokens=12,
+                                     generator=generator)
+        else:
+            tokens = bild_sample(large, small, ids, temperature=1.5, max_new_tokens=12, generator=generator,
+                                 fallback_threshold=0.0 if mode == "speculative" else bild.FALLBACK_THRESHOLD).tokens
+        return tok.decode(tokens) + "\n"
+
     for mode in ("bild", "speculative", "large", "small"):
         runs = [run_cli(capsys, "--mode", mode, "--temperature", "1.5", "--seed", seed, "--max-new-tokens", "12",
                         *texts) for seed, texts in (("3", [text]), ("3", ["Dios es amor.", text]), ("4", [text]))]
         assert all(status == 0 for status, _, _ in runs)
         assert runs[0][1] == runs[1][1].splitlines(keepends=True)[1], mode
+        assert (runs[0][1], runs[2][1]) == (expected(mode, 3), expected(mode, 4)), mode
+        assert runs[0][1] != runs[2][1], mode  # the seed matters
     status, _, err = run_cli(capsys, "--temperature", "0.8", "--trace", "--max-new-tokens", "12", text)
     assert status == 0 and "p/q [" in err and "max q=" in err and "BiLDStats" in err
+
+
+def test_a_tiny_temperature_samples_the_large_models_greedy_output(capsys):
+    """softmax(logits / 1e-40) overflowed to NaN, and NaN acceptances accepted every draft: garbage, exit 0."""
+    text = "Y dijo Dios: Sea la luz."
+    status, greedy, _ = run_cli(capsys, "--mode", "large", "--max-new-tokens", "12", text)
+    for mode in ("bild", "large"):
+        assert run_cli(capsys, "--mode", mode, "--temperature", "1e-40", "--max-new-tokens", "12", text)[:2] == \
+            (0, greedy), mode
 
 
 @pytest.mark.parametrize("mode", ["bild", "speculative", "large", "small"])
@@ -161,6 +193,34 @@ def test_bad_input_gives_a_clear_error(capsys, args, message):
         pytest.skip("this machine has CUDA")
     status, out, err = run_cli(capsys, *args)
     assert status == 2 and out == "" and message in err and err.startswith("minibild: error:")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "speculative", "--fallback-threshold", "0.9"], "--fallback-threshold has no effect in --mode "
+                                                               "speculative (it uses max_small_steps, small_model)"),
+    (["--mode", "speculative", "--rollback-threshold", "2"], "--rollback-threshold has no effect in --mode speculative"),
+    (["--mode", "large", "--small", "/nonexistent"], "--small has no effect in --mode large"),
+    (["--mode", "large", "--exit-layer", "2"], "--exit-layer has no effect in --mode large"),
+    (["--mode", "large", "--max-small-steps", "3"], "--max-small-steps has no effect in --mode large"),
+    (["--mode", "small", "--fallback-threshold", "0.9"], "--fallback-threshold has no effect in --mode small"),
+    (["--mode", "large", "--seed", "5"], "--seed seeds sampling, and --mode large decodes greedily"),
+    (["--seed", "5"], "--seed seeds sampling, and --mode bild decodes greedily"),
+    (["--mode", "speculative", "--temperature", "0.7", "--fallback-threshold", "0.3"],
+     "--fallback-threshold has no effect in --mode speculative"),
+])
+def test_a_setting_the_mode_does_not_use_is_refused(capsys, args, message):
+    """Each mode declares the settings it uses (modes.MODES); any other setting given is an error, not ignored."""
+    status, out, err = run_cli(capsys, *args, "Dios es amor.")
+    assert (status, out, err.count("\n")) == (2, "", 1) and err.startswith("minibild: error: " + message), err
+
+
+def test_every_setting_a_mode_declares_is_accepted(capsys):
+    for mode, settings in MODES.items():
+        args = {"fallback_threshold": ["--fallback-threshold", "0.5"], "rollback_threshold": ["--rollback-threshold",
+                "2"], "max_small_steps": ["--max-small-steps", "3"], "small_model": ["--exit-layer", "2"]}
+        given = [arg for setting in settings for arg in args[setting]]
+        status, out, err = run_cli(capsys, "--mode", mode, *given, "--max-new-tokens", "4", "Dios es amor.")
+        assert status == 0 and out.count("\n") == 1, (mode, err)
 
 
 @pytest.mark.parametrize("setting", [["--max-new-tokens", "0"], ["--max-small-steps", "0"],

@@ -23,6 +23,7 @@ from minibild.conformance import main as conformance_main
 from minibild.diff import TOLERANCE, Settings, diff, first_difference, main
 from minibild.early_exit import EarlyExit
 from minibild.model import T5LayerNorm, relative_position_bucket
+from minibild.observed import observed
 from minibild.trace import SmallStep, trace_from_jsonl, trace_to_jsonl
 
 SUITE = Path(__file__).resolve().parents[1] / "conformance"
@@ -324,23 +325,24 @@ def test_the_writer_refuses_an_output_that_is_not_varied(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def perturbed_run(monkeypatch, case, model: str, call: int, change) -> list:
+def perturbed_run(case, model: str, call: int, change) -> list:
     """The case's float64 trace when change(logits (T, V)) is applied to the `call`-th decode call (from 0) of the
-    large or small model."""
+    large or small model (a plain pair: observed models, minibild/observed.py)."""
     models = dict(zip(("large", "small"), load_pair(SUITE, case.pair, torch.float64)))
-    decode, calls = models[model].decode, []
+    calls = []
 
-    def perturbed(ids, cache):
-        out = decode(ids, cache)
-        if len(calls) == call:
-            change(out[0])
-        calls.append(ids)
+    def perturbed(kind, method, *args):
+        out = method(*args)
+        if kind == "decode":
+            if len(calls) == call:
+                change(out[0])
+            calls.append(args)
         return out
-    monkeypatch.setattr(models[model], "decode", perturbed)
+    models[model] = observed(models[model], perturbed)
     return run_case(models["large"], models["small"], case)[0].trace
 
 
-def test_a_planted_near_tie_is_numerics(monkeypatch):
+def test_a_planted_near_tie_is_numerics():
     """Raise the large model's second-best logit past its best one at its first call: below the tolerance the
     flip is a near-tie, above it the model is wrong."""
     case = next(case for case in CASES if case.name == "v1.1-bild")
@@ -349,14 +351,14 @@ def test_a_planted_near_tie_is_numerics(monkeypatch):
 
     def raise_second(out):
         out[0, second] += 1.01 * margin
-    actual = perturbed_run(monkeypatch, case, "large", 0, raise_second)
+    actual = perturbed_run(case, "large", 0, raise_second)
     near = diff(trace, actual, settings, logits, tolerance=2 * margin)
     assert (near.divergence, near.finding.kind) == (0, "numerics"), near
     assert diff(trace, actual, settings, logits, tolerance=margin / 2).finding.kind == "model"
     assert diff(trace, actual, settings, None, tolerance=2 * margin).finding.kind == "unclassified"
 
 
-def test_a_planted_threshold_near_tie_is_numerics(monkeypatch):
+def test_a_planted_threshold_near_tie_is_numerics():
     """Raise the small model's top logit, at the fallback closest to the threshold, just enough to keep the token:
     a tolerance above the distance to the threshold makes it a near-tie, one below it a model error."""
     case = next(case for case in CASES if case.name == "v1.1-bild")
@@ -368,7 +370,7 @@ def test_a_planted_threshold_near_tie_is_numerics(monkeypatch):
 
     def raise_top(out):  # by the logit difference that takes its probability from p to target
         out[-1, token] += math.log(target / (1 - target)) - math.log(p / (1 - p))
-    actual = perturbed_run(monkeypatch, case, "small", sum(step.model == "small" for step in trace[:k]), raise_top)
+    actual = perturbed_run(case, "small", sum(step.model == "small" for step in trace[:k]), raise_top)
     assert (actual[k].token, actual[k].decision) == (token, "pending")
     near = diff(trace, actual, settings, logits, tolerance=3 * gap)
     assert (near.divergence, near.finding.kind) == (k, "numerics") and "from the threshold" in near.finding.why, near
@@ -426,3 +428,16 @@ def test_the_hugging_face_copies_give_the_expected_logits(pair):
             torch.testing.assert_close(values, torch.tensor(record["top_logits"]), atol=1e-4, rtol=1e-4)
             compared += 1
     assert compared > 10
+
+
+def test_recording_a_case_leaves_the_callers_models_untouched():
+    """run_case records logits through observed models (minibild/observed.py): a decode the caller set on its own
+    model (here a counting one) is used and left in place, and nothing is added to the models."""
+    case = next(case for case in CASES if case.name == "v1.1-bild")
+    large, small = load_pair(SUITE, case.pair, torch.float64)
+    counted = []
+    small.decode = lambda ids, cache: counted.append(ids) or type(small).decode(small, ids, cache)
+    attributes = [set(vars(model)) for model in (large, small)]
+    result, logits = run_case(large, small, case)
+    assert [set(vars(model)) for model in (large, small)] == attributes and "decode" in vars(small)
+    assert len(counted) == result.stats.small_calls and len(logits) == len(result.trace)

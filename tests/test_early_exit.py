@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from minibild import EarlyExit, T5, T5Config
 from minibild.bild import generate
+from minibild.generate import greedy as minibild_greedy
+from minibild.observed import observed
 from test_bild import one_thread  # noqa: F401 (an autouse fixture: one torch thread for tiny models)
-from test_bild import (ALL_PATHS, EOS, SETTINGS, assert_reached, checked_generate, large_greedy, lengths, paths,
-                       random_t5, sources)
+from test_bild import (ALL_PATHS, EOS, N_CASES, SETTINGS, assert_reached, checked_generate, large_greedy, lengths,
+                       paths, random_t5, sources)
+from tiny_models import LENGTHS, SOURCE, integer, pick, seeded_cases, uniform
 
 LAYERS = 4
 # As test_bild's ENDS_LIKE, for these 4-layer models: EOS takes the place of a token the large model (and, for most
@@ -101,9 +104,10 @@ def test_t5_decode_refuses_an_early_exit_cache():
 
 
 def replay_check(large, small, src):
-    """Wrap both models' decode calls (small and small.shared_large); after each, rebuild the shared cache from
+    """Observe both models' decode calls (small and small.shared_large); after each, rebuild the shared cache from
     scratch for the tokens it holds, with the model's layers run uncached, and compare every layer's
-    keys/values, the exit layer's output and the ids it consumed. Returns the list of checks made."""
+    keys/values, the exit layer's output and the ids it consumed. Returns (the observed small model, the list of
+    checks made)."""
     k, decoder = small.exit_layer, large.decoder
     tokens_at, checks = {}, []
 
@@ -121,57 +125,60 @@ def replay_check(large, small, src):
         assert torch.equal(cache.exit_ids[:, :cache.exit_length], held)
         checks.append((cache.length, cache.exit_length))
 
-    def wrap(model):
-        decode = model.decode
-
-        def checked(ids, cache):
-            shared = getattr(cache, "cache", cache)  # the early-exit model's view -> the cache itself
-            assert shared.exit_length >= shared.length
-            for i, t in enumerate(ids[0].tolist()):
-                tokens_at[cache.length + i] = t
-            out = decode(ids, cache)
-            check(shared)
-            return out
-        model.decode = checked  # an instance attribute: checked_generate's recording wraps it, then removes it
-    wrap(small)
-    wrap(small.shared_large)
-    return checks
+    def checked(call, method, *args):
+        if call == "encode":
+            return method(*args)
+        ids, cache = args
+        shared = getattr(cache, "cache", cache)  # the early-exit model's view -> the cache itself
+        assert shared.exit_length >= shared.length
+        for i, t in enumerate(ids[0].tolist()):
+            tokens_at[cache.length + i] = t
+        out = method(ids, cache)
+        check(shared)
+        return out
+    return observed(small, checked), checks  # small and its shared_large observed
 
 
-def test_bild_with_early_exit_rollback_zero_is_large_greedy():
+def early_exit_rollback_zero_is_large_greedy(seed, src, fallback, N, max_new_tokens, k):
     """Through test_bild's checked path (its replay of every call against the policy, its stats), with the shared
-    cache rebuilt and compared after every call; the examples must reach every path of the loop."""
-    seen = Counter()
+    cache rebuilt and compared after every call."""
+    large = large_model(seed)
+    small, checks = replay_check(large, EarlyExit(large, k), src)
+    result = checked_generate(large, small, src, fallback_threshold=fallback, rollback_threshold=0.0,
+                              max_small_steps=N, max_new_tokens=max_new_tokens)
+    assert result.tokens == large_greedy(large, src, max_new_tokens)
+    assert len(checks) == len(result.trace)
+    return paths(result)
 
-    @SETTINGS
-    @given(st.integers(0, 3), sources, st.floats(0, 1), st.integers(1, 6), lengths, st.sampled_from([1, 2, 3]))
-    def check(seed, src, fallback, N, max_new_tokens, k):
-        large = large_model(seed)
-        small = EarlyExit(large, k)
-        checks = replay_check(large, small, src)
-        result = checked_generate(large, small, src, fallback_threshold=fallback, rollback_threshold=0.0,
-                                  max_small_steps=N, max_new_tokens=max_new_tokens)
-        assert result.tokens == large_greedy(large, src, max_new_tokens)
-        assert len(checks) == len(result.trace)
-        seen.update(paths(result))
 
-    check()
+@SETTINGS
+@given(st.integers(0, 3), sources, st.floats(0, 1), st.integers(1, 6), lengths, st.sampled_from([1, 2, 3]))
+def test_bild_with_early_exit_rollback_zero_is_large_greedy(seed, src, fallback, N, max_new_tokens, k):
+    early_exit_rollback_zero_is_large_greedy(seed, src, fallback, N, max_new_tokens, k)
+
+
+def test_bild_with_early_exit_reaches_every_path():
+    seen = sum((early_exit_rollback_zero_is_large_greedy(*case)
+                for case in seeded_cases(N_CASES, integer(0, 3), SOURCE, uniform(0, 1), integer(1, 6), LENGTHS,
+                                         pick(1, 2, 3))), Counter())
     assert_reached(seen, ALL_PATHS, least=5)
 
 
-def test_shared_cache_stays_consistent_through_rollbacks(monkeypatch):
+def test_shared_cache_stays_consistent_through_rollbacks():
     encodes = []
     stats_total = Counter()
     for seed in range(4):
         large = large_model(seed)
         exit_model = EarlyExit(large, 1 + seed % 3)
         src = torch.tensor([[3 + seed, 17, 29, 8, 1]])
-        checks = replay_check(large, exit_model, src)
-        encode = large.encode
-        monkeypatch.setattr(large, "encode", lambda *a, **kw: encodes.append(seed) or encode(*a, **kw))
-        result = generate(large, exit_model, src, fallback_threshold=0.3, rollback_threshold=1.0,
-                          max_small_steps=4, max_new_tokens=16)
-        monkeypatch.undo()
+        exit_model, checks = replay_check(large, exit_model, src)
+
+        def count_encodes(call, method, *args, seed=seed):
+            if call == "encode":
+                encodes.append(seed)
+            return method(*args)
+        result = generate(large, observed(exit_model, count_encodes), src, fallback_threshold=0.3,
+                          rollback_threshold=1.0, max_small_steps=4, max_new_tokens=16)
         assert len(checks) == result.stats.large_calls + result.stats.small_calls
         stats_total.update(vars(result.stats))
     assert encodes == [0, 1, 2, 3]  # one encoder pass per generation: the early-exit model runs none
@@ -202,3 +209,19 @@ def test_training_loss_includes_the_early_exit_model():
     exit_loss = torch.nn.functional.cross_entropy(separate(batch["input_ids"], batch["decoder_input_ids"])[0],
                                                   batch["labels"][0])
     torch.testing.assert_close(both, plain + 0.5 * exit_loss, rtol=1e-12, atol=1e-12)
+
+
+def test_greedy_decodes_a_batch_with_an_early_exit_model():
+    """minibild.greedy drops a finished row from the cache (keep_rows): the early-exit model's cache drops it from
+    the first layers' keys/values, outputs and ids alike, and every row is what the truncated model gives alone."""
+    from minibild.batch import right_pad
+    from tiny_models import PAD, random_source
+
+    sources = [random_source(seed)[0] for seed in range(8)]
+    ids, mask = right_pad([s.tolist() for s in sources], PAD)
+    for seed, k in ((0, 3), (1, 3), (2, 2), (3, 1)):  # the exits whose rows end at different steps
+        large = large_model(seed)
+        separate = truncated_copy(large, k)
+        alone = [minibild_greedy(separate, source[None], 24)[0] for source in sources]
+        assert len({len(tokens) for tokens in alone}) > 1, "rows must finish at different steps"
+        assert minibild_greedy(EarlyExit(large, k), ids, 24, mask) == alone

@@ -363,6 +363,8 @@ def test_rouge_l_by_hand():
     assert rouge_l(["A B C"], ["c b a"]) == pytest.approx(100 / 3)
     # LCS 2 of a 2-token hypothesis and a 4-token reference: P = 1, R = 1/2, F1 = 2/3. Averaged with 0.
     assert rouge_l(["police killed", ""], ["police killed the gunman", "anything"]) == pytest.approx(100 / 3)
+    # An empty output against an empty reference is identical (a model that stops at once, scored on its own outputs).
+    assert rouge_l(["", "a b"], ["", "a b"]) == 100
 
 
 def test_pareto_front_and_fastest_within():

@@ -1,5 +1,6 @@
 """minibild's T5 against transformers' (logits, probabilities, greedy tokens, position buckets), and its
 KV cache against its own uncached forward."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,7 +9,7 @@ from hf_oracle import EOS, hf_greedy, hf_logits, make_batch, rel_diff
 from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from minibild import T5, T5Config, greedy
+from minibild import T5, T5Config, bild, greedy
 from minibild import model as model_module
 from minibild.model import relative_position_bucket
 
@@ -194,6 +195,30 @@ def test_encode_rejects_bad_inputs(checkpoint):
         model.encode(input_ids.float(), mask)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model.encode(input_ids, mask[:, :-1])
+
+
+@pytest.mark.parametrize("ids, mask, message", [
+    (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[1, 1], [0, 0]]), "attention_mask row 1 is all zeros"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[1, 2], [1, 1]]), r"attention_mask must hold only 0 \(padding\) "
+                                                                     r"and 1"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.tensor([[1, 1], [0, 1]]), "attention_mask row 1 is not right-padded"),
+    (torch.tensor([[3, 4], [5, 6]]), np.ones((2, 2), dtype=np.int64), r"attention_mask must be a torch tensor of 0s "
+                                                                      r"and 1s, shaped as input_ids \(2, 2\), got "
+                                                                      r"numpy.ndarray$"),
+    (torch.tensor([[3, 4], [5, 6]]), torch.ones(2, 3), r"attention_mask has shape \(2, 3\), expected input_ids' "
+                                                       r"\(2, 2\)"),
+    (torch.zeros(0, 3, dtype=torch.long), None, r"input_ids has no rows: \(0, 3\); give at least one source"),
+    (torch.tensor([[3, 40]]), None, r"input_ids holds ids outside \[0, 40\)"),
+    (np.array([[3, 4]]), None, "input_ids must be an integer tensor"),
+])
+def test_one_validator_checks_sources_for_encode_greedy_and_generate_batch(ids, mask, message):
+    """encode, greedy and bild.generate_batch refuse the same sources and masks with the same message."""
+    config = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, dropout_rate=0.0)
+    model = T5(config).eval()
+    for call in (lambda: model.encode(ids, mask), lambda: greedy(model, ids, 4, mask),
+                 lambda: bild.generate_batch(model, model, ids, mask)):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_decode_never_reads_the_ids_values():

@@ -1,7 +1,7 @@
 """Tests for minibild/oracle.py: both checks pass what is right and fail planted bugs, and say why.
 
 Sampling: the planted samplers' exact distributions are computed by enumerating every path of the real, patched
-bild.sample loop (test_sampling.enumerate_paths), so each one's total variation (TV) distance from the reference is
+bild_sample loop (test_sampling.enumerate_paths), so each one's total variation (TV) distance from the reference is
 known exactly, and n is chosen so that it lies well above the distance the check detects with probability 0.99. The
 check sees outputs only, so most planted samplers are then drawn from by inverse CDF over that exact distribution
 (fast, the same distribution); one runs the patched loop itself end to end.

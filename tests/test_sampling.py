@@ -20,7 +20,7 @@ import minibild
 from minibild import bild, sampling
 from minibild.sampling import bild_sample
 from minibild.trace import SampledLargeStep, SampledSmallStep
-from tiny_models import EOS, random_t5
+from tiny_models import EOS, model_pair, random_source, random_t5
 
 TOLERANCE = 1e-12
 
@@ -325,6 +325,30 @@ def test_same_seed_same_output_and_trace():
                               generator=torch.Generator().manual_seed(7))
     assert sampled == minibild.sample(large, src, temperature=1.0, max_new_tokens=12,
                                       generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_temperatures_tend_to_greedy(dtype):
+    """softmax(logits / T) overflows for a tiny T (inf - inf: NaN, and a NaN acceptance accepts every draft):
+    probabilities stay finite for every T > 0, match softmax(logits / T) where that is finite, and reach argmax
+    decoding as T -> 0, in both sampling functions."""
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.5 - 1e-3], [0.3, -4.0, 9.0, 1.0]], dtype=dtype)
+    torch.testing.assert_close(sampling.probabilities(logits, 0.7), (logits / 0.7).softmax(-1))
+    for temperature in (1e-6, 1e-40, 1e-300, 5e-324):
+        probs = sampling.probabilities(logits, temperature)
+        assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], temperature
+    tie = sampling.probabilities(torch.tensor([1.0, 3.0, 3.0], dtype=dtype), 1e-40)
+    assert tie.tolist() == [0.0, 0.5, 0.5]  # a tie shares the mass
+    large, small = (model.to(dtype) for model in model_pair("disagree", 0))  # greedy: 12 tokens, many rollbacks
+    src = random_source(1)
+    greedy = minibild.greedy(large, src, 12)[0]
+    for temperature in (1e-40, 5e-324):
+        generator = torch.Generator().manual_seed(0)
+        assert minibild.sample(large, src, temperature=temperature, max_new_tokens=12, generator=generator) == greedy
+        result = bild.sample(large, small, src, temperature=temperature, fallback_threshold=0.3, max_small_steps=3,
+                             max_new_tokens=12, generator=generator)
+        assert result.tokens == greedy
+        assert result.stats.rolled_back_tokens > 0  # the small model's drafts were judged, not all accepted
 
 
 def test_trace_records_draws_and_round_trips():
