@@ -35,9 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bild
+from . import bild, official
 from .conformance import recording_logits
-from .early_exit import EarlyExit
 from .generate import check_count, check_eval, check_one_source, greedy
 from .model import T5
 from .sampling import check_temperature
@@ -135,15 +134,13 @@ def _reference(rule: str, large: T5, small, settings: dict):
     if small is None:
         raise ValueError(f"rule {rule!r} needs the small model, got small=None")
     if rule == "official":
-        from . import official  # written beside bild.py; imported only when asked for
         generate = official.generate
     else:
         generate = bild.generate
 
     def run(input_ids):
-        decoding_large = small.shared_large if isinstance(small, EarlyExit) else large
-        with recording_logits(decoding_large, small) as calls:
-            result = generate(large, small, input_ids, **settings)
+        observed_large, observed_small, calls = recording_logits(large, small)
+        result = generate(observed_large, observed_small, input_ids, **settings)
         if len(calls) != len(result.trace):
             raise RuntimeError(f"rule {rule!r}: {len(calls)} model calls but {len(result.trace)} trace steps; the "
                                "closest decision needs one step per call")
