@@ -37,7 +37,6 @@ import torch
 
 from . import bild
 from .conformance import recording_logits
-from .early_exit import EarlyExit
 from .generate import check_count, check_eval, check_one_source, greedy
 from .model import T5
 from .sampling import check_temperature
@@ -141,9 +140,8 @@ def _reference(rule: str, large: T5, small, settings: dict):
         generate = bild.generate
 
     def run(input_ids):
-        decoding_large = small.shared_large if isinstance(small, EarlyExit) else large
-        with recording_logits(decoding_large, small) as calls:
-            result = generate(large, small, input_ids, **settings)
+        recording_large, recording_small, calls = recording_logits(large, small)
+        result = generate(recording_large, recording_small, input_ids, **settings)
         if len(calls) != len(result.trace):
             raise RuntimeError(f"rule {rule!r}: {len(calls)} model calls but {len(result.trace)} trace steps; the "
                                "closest decision needs one step per call")

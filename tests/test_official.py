@@ -153,8 +153,8 @@ def test_the_eos_defect_appends_after_a_corrected_eos():
 def checked_official(large, small, src, **kwargs):
     """official.generate, with its decoder calls recorded and checked against the trace: one call per step, each
     feeding what the official loop feeds (every position its cache lacks; a fallen-back call's positions again)."""
-    with recording(large, small) as (decodes, _):
-        result = official.generate(large, small, src, **kwargs)
+    observed_large, observed_small, decodes, _ = recording(large, small)
+    result = official.generate(observed_large, observed_small, src, **kwargs)
     trace, stats, tokens = result.trace, result.stats, result.tokens
     assert [(step.start, step.fed) for step in trace] == [(length, fed) for _, length, fed in decodes]
     assert stats.large_calls == sum(step.model == "large" for step in trace)
