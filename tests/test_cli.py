@@ -188,8 +188,8 @@ def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch,
     (["--temperature", "0.7", "--batch-size", "2", "hola"], "--temperature > 0 samples one input at a time"),
     (["--temperature", "0.7", "--rollback-threshold", "3", "hola"], "--rollback-threshold has no place in sampling"),
 ], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0",
-        "trace-greedy", "trace-jsonl-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature", "batch-sampling",
-        "sampling-rollback"])
+        "trace-greedy", "trace-jsonl-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature",
+        "batch-sampling", "sampling-rollback"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
