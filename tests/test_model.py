@@ -9,7 +9,7 @@ from hf_oracle import EOS, hf_greedy, hf_logits, make_batch, rel_diff
 from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from minibild import T5, T5Config, bild, greedy
+from minibild import T5, T5Config, generate_batch, greedy
 from minibild import model as model_module
 from minibild.model import relative_position_bucket
 
@@ -212,11 +212,11 @@ def test_encode_rejects_bad_inputs(checkpoint):
     (np.array([[3, 4]]), None, "input_ids must be an integer tensor"),
 ])
 def test_one_validator_checks_sources_for_encode_greedy_and_generate_batch(ids, mask, message):
-    """encode, greedy and bild.generate_batch refuse the same sources and masks with the same message."""
+    """encode, greedy and generate_batch refuse the same sources and masks with the same message."""
     config = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, dropout_rate=0.0)
     model = T5(config).eval()
     for call in (lambda: model.encode(ids, mask), lambda: greedy(model, ids, 4, mask),
-                 lambda: bild.generate_batch(model, model, ids, mask)):
+                 lambda: generate_batch(model, model, ids, mask)):
         with pytest.raises(ValueError, match=message):
             call()
 

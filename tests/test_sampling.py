@@ -345,7 +345,7 @@ def test_small_temperatures_tend_to_greedy(dtype):
     for temperature in (1e-40, 5e-324):
         generator = torch.Generator().manual_seed(0)
         assert minibild.sample(large, src, temperature=temperature, max_new_tokens=12, generator=generator) == greedy
-        result = bild.sample(large, small, src, temperature=temperature, fallback_threshold=0.3, max_small_steps=3,
+        result = bild_sample(large, small, src, temperature=temperature, fallback_threshold=0.3, max_small_steps=3,
                              max_new_tokens=12, generator=generator)
         assert result.tokens == greedy
         assert result.stats.rolled_back_tokens > 0  # the small model's drafts were judged, not all accepted
