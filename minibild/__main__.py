@@ -5,7 +5,8 @@
     python -m minibild --temperature 0.7 --seed 1 "Dios es amor."   # sampled, exactly as the large model samples
 
 Prints exactly one line per input on stdout (a blank one for a blank input line); progress, statistics
-and traces go to stderr.
+and --trace's text traces go to stderr; --trace-jsonl DIR writes each input's trace as JSON lines, its header
+first, to DIR/input-N.jsonl.
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ from .early_exit import EarlyExit
 from .modes import MODES, Mode, check_used
 from .progress import progress
 from .tokenizer import Tokenizer
+from .trace import trace_to_jsonl
 from .weights import load, load_tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -60,6 +62,9 @@ def parse_args(argv):
                         "batch size 1 gives, in float32 except where a probability lies within about 3e-6 of a "
                         "threshold or a tie; default 1)")
     p.add_argument("--trace", action="store_true", help="print BiLD's decisions for each input on stderr")
+    p.add_argument("--trace-jsonl", metavar="DIR",
+                   help="write each input's trace as JSON lines, its header first (trace.py), to DIR/input-N.jsonl "
+                        "(N from 1, as --trace numbers inputs), for python -m minibild.diff; DIR must be new or empty")
     return p.parse_args(argv)
 
 
@@ -109,6 +114,16 @@ def trace_pieces(trace, tok: Tokenizer) -> str:
     return " ".join(f"{i}={tok.sp.IdToPiece(i)}" if i < tok.vocab_size else str(i) for i in sorted(ids))
 
 
+def trace_folder(folder: Path) -> Path:
+    """--trace-jsonl's folder, created if new; a file or a folder holding anything is refused (nothing overwritten)."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--trace-jsonl {folder} is not a folder; name a new or empty folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UsageError(f"--trace-jsonl {folder} is not empty; name a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
@@ -147,8 +162,10 @@ def run(args) -> int:
         raise UsageError("--rollback-threshold has no place in sampling (a rollback rule would change the output's "
                          "distribution): drop it, or sample with --temperature 0 for greedy BiLD")
     mode = mode_of(args)
-    if args.trace and mode.name in ("large", "small"):
-        raise UsageError(f"--trace shows BiLD's decisions; --mode {mode.name} has none (greedy, one model)")
+    for flag in ("trace", "trace_jsonl"):
+        if getattr(args, flag) and mode.name in ("large", "small"):
+            raise UsageError(f"--{flag.replace('_', '-')} shows BiLD's decisions; --mode {mode.name} has none "
+                             "(greedy, one model)")
     early_exit = args.exit_layer is not None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
@@ -163,6 +180,7 @@ def run(args) -> int:
     if early_exit and args.small is not None:
         raise UsageError("--small and --exit-layer exclude each other: with --exit-layer K the small model is "
                          "the large model's first K decoder layers")
+    trace_dir = args.trace_jsonl and trace_folder(Path(args.trace_jsonl))  # after every other check
     paths = {"large": args.large, "small": args.small or str(WEIGHTS / "small")}
     needs = ["large"] if early_exit and mode.name != "large" else mode.models()
     models = {name: load(paths[name], device=device, dtype=dtype) for name in needs}
@@ -182,6 +200,7 @@ def run(args) -> int:
             raise UsageError(f"input {i} has {len(ids)} tokens, more than --max-input-tokens "
                              f"{args.max_input_tokens}; split it or raise the limit")
     show_progress = len(texts) > 1 and not args.trace
+    header = trace_dir and mode.header(models["large"], models["small"])
     batches = mode.decode_batches(models.get("large"), models.get("small"), [ids for ids in sources if len(ids) > 1],
                                   args.batch_size, device)
     outputs = (row for batch in batches for row in batch)  # (tokens, BiLD result or None) per non-blank input
@@ -193,6 +212,8 @@ def run(args) -> int:
         if args.trace and result is not None:
             print(f"--- input {i}: {result.stats}\n{bild.format_trace(result.trace)}\n"
                   f"pieces: {trace_pieces(result.trace, tok)}", file=sys.stderr)
+        if trace_dir and result is not None:
+            (trace_dir / f"input-{i}.jsonl").write_text(trace_to_jsonl(result.trace, header))
         if tokens[-1:] != [eos]:
             print(f"minibild: warning: input {i} reached --max-new-tokens {args.max_new_tokens} before "
                   "the end of its translation", file=sys.stderr)

@@ -31,7 +31,7 @@ from .early_exit import EarlyExit
 from .generate import greedy
 from .model import T5
 from .observed import observed
-from .trace import trace_to_jsonl
+from .trace import TraceHeader, trace_to_jsonl
 from .weights import load, save, save_hf
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -166,6 +166,8 @@ def recording_logits(large, small) -> tuple:
 
 # The policies a case can expect: minibild's (docs/BILD.md) or the official implementation's (minibild/official.py).
 RULES = {"minibild": bild.generate, "official": official.generate}
+# The name each rule has in a trace's header (trace.RULES): "bild" for minibild's policy, as bild.generate names it.
+TRACE_RULES = {"minibild": "bild", "official": "official"}
 
 
 def run_case(large, small, case: Case) -> tuple[bild.BiLDResult, list[dict]]:
@@ -399,7 +401,8 @@ def _write(root: Path, cases: list[Case]):
         folder.mkdir(parents=True)
         (folder / "case.json").write_text(json.dumps(meta, indent=1) + "\n")
         for dtype, (result, records) in runs.items():
-            (folder / f"trace.{dtype}.jsonl").write_text(trace_to_jsonl(result.trace))
+            header = TraceHeader.of(*models[dtype], **case.settings, rule=TRACE_RULES[case.rule])
+            (folder / f"trace.{dtype}.jsonl").write_text(trace_to_jsonl(result.trace, header))
             (folder / f"logits.{dtype}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     missing = [path for path, names in covered.items() if not names]
     if missing:

@@ -9,6 +9,7 @@ from .batch import generate_batch, right_pad
 from .generate import greedy
 from .model import T5
 from .sampling import bild_sample, check_temperature, sample
+from .trace import TraceHeader
 
 # The settings each mode uses, besides max_new_tokens and temperature (every mode's) and seed (any mode's, when it
 # samples): Mode's fields, and "small_model", the small model (a checkpoint, or an early exit of the large one).
@@ -127,6 +128,16 @@ class Mode:
                 yield [self.decode(large, small, torch.tensor(batch, device=device))]
             else:
                 yield self.decode_batch(large, small, *right_pad(batch, pad, device))
+
+    def header(self, large: T5, small) -> TraceHeader:
+        """The header of this mode's traces (trace.py): the settings its BiLD runs use (speculative: fallback 0 and,
+        greedy, rollback 0; sampled: no rollback threshold), the rule, the temperature; not for large or small."""
+        speculative = self.name == "speculative"
+        rollback = None if self.temperature else 0.0 if speculative else self.rollback_threshold
+        return TraceHeader.of(large, small, fallback_threshold=0.0 if speculative else self.fallback_threshold,
+                              rollback_threshold=rollback, max_small_steps=self.max_small_steps,
+                              max_new_tokens=self.max_new_tokens, rule="official" if self.name == "official" else
+                              "bild", temperature=self.temperature or None)
 
     def models(self) -> tuple[str, ...]:
         """Which of the pair this mode runs."""

@@ -139,8 +139,8 @@ def _reference(rule: str, large: T5, small, settings: dict):
         generate = bild.generate
 
     def run(input_ids):
-        observed_large, observed_small, calls = recording_logits(large, small)
-        result = generate(observed_large, observed_small, input_ids, **settings)
+        recording_large, recording_small, calls = recording_logits(large, small)
+        result = generate(recording_large, recording_small, input_ids, **settings)
         if len(calls) != len(result.trace):
             raise RuntimeError(f"rule {rule!r}: {len(calls)} model calls but {len(result.trace)} trace steps; the "
                                "closest decision needs one step per call")

@@ -12,6 +12,7 @@ import torch
 import minibild
 from minibild import bild
 from minibild.__main__ import main
+from minibild.diff import main as diff_main
 from minibild.modes import MODES
 from minibild.sampling import bild_sample
 
@@ -177,6 +178,7 @@ def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch,
     (["--small", str(SMALL), "--exit-layer", "2", "hola"], "--small and --exit-layer"),
     (["--exit-layer", "0", "hola"], "exit_layer must be in [1, 7]"),
     (["--mode", "large", "--trace", "hola"], "--trace shows BiLD's decisions; --mode large has none"),
+    (["--mode", "small", "--trace-jsonl", "t", "hola"], "--trace-jsonl shows BiLD's decisions; --mode small has"),
     (["Dios es amor \udce1."], "input 1 is not UTF-8 text"),  # a Latin-1 byte, as Python passes it on
     (["--batch-size", "0", "hola"], "--batch-size must be an integer >= 1, got 0"),
     (["--exit-layer", "2", "--batch-size", "2", "hola"], "--exit-layer is batch-1 only"),
@@ -186,8 +188,8 @@ def test_batched_decoding_prints_what_batch_size_one_prints(capsys, monkeypatch,
     (["--temperature", "0.7", "--batch-size", "2", "hola"], "--temperature > 0 samples one input at a time"),
     (["--temperature", "0.7", "--rollback-threshold", "3", "hola"], "--rollback-threshold has no place in sampling"),
 ], ids=["device", "cuda", "dtype", "weights", "too-long", "threshold", "N", "empty", "small-and-exit", "exit-0",
-        "trace-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature", "batch-sampling",
-        "sampling-rollback"])
+        "trace-greedy", "trace-jsonl-greedy", "latin-1", "batch-0", "batch-exit", "batch-too-long", "temperature",
+        "batch-sampling", "sampling-rollback"])
 def test_bad_input_gives_a_clear_error(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -217,9 +219,9 @@ def test_a_setting_the_mode_does_not_use_is_refused(capsys, args, message):
 def test_every_setting_a_mode_declares_is_accepted(capsys):
     for mode, settings in MODES.items():
         args = {"fallback_threshold": ["--fallback-threshold", "0.5"], "rollback_threshold": ["--rollback-threshold",
-                "2"], "max_small_steps": ["--max-small-steps", "3"], "small_model": ["--exit-layer", "2"]}
-        if mode == "official":  # the official implementation has no early-exit small model
-            args["small_model"] = ["--small", str(SMALL)]
+                "2"], "max_small_steps": ["--max-small-steps", "3"],
+                # the official implementation has no early exit: its small model is a separate one
+                "small_model": ["--small", str(SMALL)] if mode == "official" else ["--exit-layer", "2"]}
         given = [arg for setting in settings for arg in args[setting]]
         status, out, err = run_cli(capsys, "--mode", mode, *given, "--max-new-tokens", "4", "Dios es amor.")
         assert status == 0 and out.count("\n") == 1, (mode, err)
@@ -284,6 +286,57 @@ def test_trace_shows_ids_beyond_the_tokenizer_as_ids(capsys, tmp_path):
     assert status == 0 and out == "\n"  # ids without a piece decode to nothing
     pieces = err.split("pieces: ")[1].splitlines()[0].split()
     assert pieces[0] == "0=<pad>" and set(pieces[1:]) <= {"8100", "8101"} and pieces[1:], err
+
+
+# args -> what the header must say besides the defaults' max_small_steps and max_new_tokens
+TRACE_JSONL = {
+    "bild": ([], dict(rule="bild", fallback_threshold=bild.FALLBACK_THRESHOLD,
+                      rollback_threshold=bild.ROLLBACK_THRESHOLD, temperature=None, exit_layer=None)),
+    "official": (["--mode", "official", "--rollback-threshold", "3"],
+                 dict(rule="official", fallback_threshold=bild.FALLBACK_THRESHOLD, rollback_threshold=3.0,
+                      temperature=None, exit_layer=None)),
+    "early-exit": (["--exit-layer", "2", "--fallback-threshold", "0.8"],
+                   dict(rule="bild", fallback_threshold=0.8, rollback_threshold=bild.ROLLBACK_THRESHOLD,
+                        temperature=None, exit_layer=2)),
+    "speculative": (["--mode", "speculative"], dict(rule="bild", fallback_threshold=0.0, rollback_threshold=0.0,
+                                                    temperature=None, exit_layer=None)),
+    "sampled": (["--temperature", "0.8"], dict(rule="bild", fallback_threshold=bild.FALLBACK_THRESHOLD,
+                                              rollback_threshold=None, temperature=0.8, exit_layer=None)),
+    "sampled-speculative": (["--mode", "speculative", "--temperature", "0.8"],
+                            dict(rule="bild", fallback_threshold=0.0, rollback_threshold=None, temperature=0.8,
+                                 exit_layer=None)),
+}
+
+
+@pytest.mark.parametrize("name", TRACE_JSONL)
+def test_trace_jsonl_writes_self_describing_traces(capsys, tmp_path, name):
+    """--trace-jsonl DIR: one file per input, its header first; python -m minibild.diff takes the settings from
+    the header (no --case) and, checking the policy with them, finds each trace equivalent to itself."""
+    args, expected = TRACE_JSONL[name]
+    folder = tmp_path / "traces"
+    status, out, _ = run_cli(capsys, *args, "--trace-jsonl", str(folder), "--max-new-tokens", "12",
+                             "Dios es amor.", "Jesús lloró.")
+    assert status == 0 and len(out.splitlines()) == 2
+    assert sorted(path.name for path in folder.iterdir()) == ["input-1.jsonl", "input-2.jsonl"]
+    for path in sorted(folder.iterdir()):
+        header = json.loads(path.read_text().splitlines()[0])
+        settings = header.pop("settings")
+        assert (settings["max_small_steps"], settings["max_new_tokens"], header["dtype"]) == \
+            (bild.MAX_SMALL_STEPS, 12, "float32")
+        assert {key: (settings | header)[key] for key in expected} == expected, header
+        status = diff_main([str(path), str(path)])
+        out = capsys.readouterr().out
+        assert status == 0 and out.startswith("equivalent") and "policy not checked" not in out, out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.write_text("x"), "is not a folder"),
+    (lambda path: (path.mkdir(), (path / "input-1.jsonl").write_text("")), "is not empty"),
+])
+def test_trace_jsonl_refuses_a_file_or_a_folder_holding_anything(capsys, tmp_path, make, message):
+    make(tmp_path / "traces")
+    status, out, err = run_cli(capsys, "--trace-jsonl", str(tmp_path / "traces"), "hola")
+    assert (status, out, err.count("\n")) == (2, "", 1) and f"--trace-jsonl {tmp_path / 'traces'} {message}" in err
 
 
 def test_empty_stdin_and_console_script(capsys, monkeypatch):

@@ -41,8 +41,15 @@ def header_of(name: str, dtype: str = "float64", **change) -> TraceHeader:
     return TraceHeader.of(large, small, **(case.settings | change))
 
 
+def headerless(tmp_path, name: str, dtype: str = "float64") -> Path:
+    """The committed trace of a case without its header: the calls alone, as a port may write them."""
+    path = tmp_path / f"{name}.{dtype}.bare.jsonl"
+    path.write_text(trace_to_jsonl(trace_from_jsonl((case_folder(name) / f"trace.{dtype}.jsonl").read_text())))
+    return path
+
+
 def with_header(tmp_path, name: str, dtype: str = "float64", **change) -> Path:
-    """The committed trace of a case, with its header written first."""
+    """The committed trace of a case, its header written anew (with `change` to its settings)."""
     path = tmp_path / f"{name}.{dtype}.jsonl"
     trace = trace_from_jsonl((case_folder(name) / f"trace.{dtype}.jsonl").read_text())
     path.write_text(trace_to_jsonl(trace, header_of(name, dtype, **change)))
@@ -67,6 +74,34 @@ def test_the_header_says_how_a_trace_was_made():
     assert trace_from_jsonl(trace_to_jsonl(result.trace)) == result.trace
 
 
+@pytest.mark.parametrize("name", [case.name for case in CASES])
+def test_the_suite_writes_each_trace_with_its_header(name):
+    """Each committed trace starts with the header of its case's models, settings and rule (the official rule for
+    an official-rule case, bild for minibild's)."""
+    case = next(case for case in CASES if case.name == name)
+    for dtype in ("float32", "float64"):
+        text = (case_folder(name) / f"trace.{dtype}.jsonl").read_text()
+        header = next(read_records(text.encode().splitlines(keepends=True), name))
+        rule = "official" if case.rule == "official" else "bild"
+        assert header == TraceHeader.of(*load_pair(SUITE, case.pair, getattr(torch, dtype)), **case.settings,
+                                        rule=rule), (dtype, header)
+
+
+def test_a_port_trace_without_header_diffs_against_the_suite(tmp_path, capsys):
+    """A port writes the calls alone: EXPECTED's header gives the settings, so the policy is checked, and a policy
+    error in the port's trace is found without --case."""
+    expected = case_folder("v1.1-bild") / "trace.float64.jsonl"
+    bare = headerless(tmp_path, "v1.1-bild")
+    code, out, _ = run_diff(capsys, expected, bare)
+    assert code == 0 and out.startswith("equivalent") and "policy not checked" not in out, out
+    lines = bare.read_text().splitlines()
+    k = next(k for k, line in enumerate(lines) if '"fallback"' in line)
+    lines[k] = lines[k].replace('"fallback"', '"handover"')
+    bare.write_text("\n".join(lines) + "\n")
+    code, out, _ = run_diff(capsys, expected, bare)
+    assert code == 1 and f"policy error at call {k + 1}: fallback token kept" in out, out
+
+
 EARLY_EXIT = [case.name for case in CASES if case.pair == "early-exit"]
 
 
@@ -78,14 +113,14 @@ def test_an_early_exit_trace_diffed_against_itself_is_equivalent(name, tmp_path,
     code, out, _ = run_diff(capsys, path, path)
     assert (code, out.splitlines()[0]) == (0, f"equivalent: {out.split()[1]} calls, the same fed tokens, argmaxes "
                                               "and decisions"), out
-    bare = case_folder(name) / "trace.float64.jsonl"
+    bare = headerless(tmp_path, name)
     assert run_diff(capsys, bare, bare, "--case", case_folder(name) / "case.json")[0] == 0
     code, out, err = run_diff(capsys, bare, bare)
     assert (code, out, err.count("\n")) == (2, "", 1) and "exit_layer" in err and "cache error" not in err, err
 
 
-def test_without_settings_the_report_says_the_policy_was_not_checked(capsys):
-    path = case_folder("v1.1-bild") / "trace.float64.jsonl"
+def test_without_settings_the_report_says_the_policy_was_not_checked(tmp_path, capsys):
+    path = headerless(tmp_path, "v1.1-bild")
     code, out, _ = run_diff(capsys, path, path)
     assert code == 0 and "policy not checked" in out
 
@@ -151,13 +186,14 @@ def test_a_sampled_trace_against_a_greedy_one_is_refused(tmp_path, capsys):
 
 # --- Malformed inputs -------------------------------------------------------------------------------------------
 
-BASE = case_folder("v1.1-bild") / "trace.float64.jsonl"
+BASE = case_folder("v1.1-bild") / "trace.float64.jsonl"  # its header, then its calls
 LINES = len(BASE.read_text().splitlines())
 CALLS = len(trace_from_jsonl(BASE.read_text()))
+assert LINES == CALLS + 1
 
 
 def edited(line: int, change) -> str:
-    """The base trace with record `line` (from 1) changed: change(dict) edits it in place."""
+    """The base trace with record `line` (from 1, the header's line) changed: change(dict) edits it in place."""
     lines = BASE.read_text().splitlines()
     record = json.loads(lines[line - 1])
     change(record)
@@ -171,24 +207,23 @@ def set_field(key, value):
 
 # name -> (the text of ACTUAL, the line the error names, words it must hold)
 MALFORMED = {
-    "fed empty": (edited(1, set_field("fed", [])), 1, ['"fed"', "non-empty list of ids", "[]"]),
-    "argmax empty": (edited(1, set_field("argmax", [])), 1, ['"argmax"', "[]"]),
-    "fed a number": (edited(2, set_field("fed", 5)), 2, ['"fed"', "5"]),
-    "id as a float": (edited(2, set_field("token", 7.0)), 2, ['"token"', "an id", "7.0"]),
-    "id in a list as a float": (edited(1, set_field("fed", [0.0])), 1, ['"fed"', "0.0"]),
-    "negative id": (edited(1, set_field("appended", -3)), 1, ['"appended"', "-3"]),
-    "unknown key": (edited(3, set_field("extra", 1)), 3, ['unknown field "extra"']),
-    "missing key": (edited(2, lambda r: r.pop("prob")), 2, ['missing field "prob"']),
-    "upper-case decision": (edited(1, set_field("decision", "ACCEPT")), 1, ['"decision"', '"ACCEPT"', '"accept"']),
-    "probability as text": (edited(2, set_field("prob", "0.5")), 2, ['"prob"', "a number"]),
-    "unknown model": (edited(2, set_field("model", "medium")), 2, ['"model"', '"medium"']),
-    "rollback without position": (edited(1, set_field("decision", "rollback")), 1, ['"rollback_at"']),
+    "fed empty": (edited(2, set_field("fed", [])), 2, ['"fed"', "non-empty list of ids", "[]"]),
+    "argmax empty": (edited(2, set_field("argmax", [])), 2, ['"argmax"', "[]"]),
+    "fed a number": (edited(3, set_field("fed", 5)), 3, ['"fed"', "5"]),
+    "id as a float": (edited(3, set_field("token", 7.0)), 3, ['"token"', "an id", "7.0"]),
+    "id in a list as a float": (edited(2, set_field("fed", [0.0])), 2, ['"fed"', "0.0"]),
+    "negative id": (edited(2, set_field("appended", -3)), 2, ['"appended"', "-3"]),
+    "unknown key": (edited(4, set_field("extra", 1)), 4, ['unknown field "extra"']),
+    "missing key": (edited(3, lambda r: r.pop("prob")), 3, ['missing field "prob"']),
+    "upper-case decision": (edited(2, set_field("decision", "ACCEPT")), 2, ['"decision"', '"ACCEPT"', '"accept"']),
+    "probability as text": (edited(3, set_field("prob", "0.5")), 3, ['"prob"', "a number"]),
+    "unknown model": (edited(3, set_field("model", "medium")), 3, ['"model"', '"medium"']),
+    "rollback without position": (edited(2, set_field("decision", "rollback")), 2, ['"rollback_at"']),
     "not an object": (BASE.read_text() + "[1, 2]\n", LINES + 1, ["a JSON object"]),
     "not JSON": (BASE.read_text().replace("}", "", 1), 1, ["not JSON"]),
     "blank line inside": (BASE.read_text().replace("\n", "\n\n", 1), 2, ["blank line"]),
     "header after line 1": (BASE.read_text() + trace_to_jsonl([], header_of("v1.1-bild")), LINES + 1, ["header"]),
-    "header of another version": (json.dumps({"format": "minibild-trace", "version": 2}) + "\n" + BASE.read_text(),
-                                  1, ['"version"', "2"]),
+    "header of another version": (edited(1, set_field("version", 2)), 1, ['"version"', "2"]),
 }
 
 
@@ -247,7 +282,7 @@ def test_bad_logits_and_case_files_exit_2(tmp_path, capsys):
 def test_a_100_mb_trace_gets_a_verdict_in_seconds_in_bounded_memory(tmp_path):
     """The suite's trace repeated to 100 MB: a cache error at its second copy, in seconds; the rest is counted, not
     held. Memory: the interpreter with torch, whatever the file's size."""
-    text, big = BASE.read_text(), tmp_path / "big.jsonl"
+    text, big = trace_to_jsonl(trace_from_jsonl(BASE.read_text())), tmp_path / "big.jsonl"  # calls alone
     with open(big, "w") as f:
         f.write(text * (100_000_000 // len(text) + 1))
     # CPU seconds (the machine may be shared) and the peak memory since exec (VmHWM: ru_maxrss would count the

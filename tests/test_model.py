@@ -9,9 +9,8 @@ from hf_oracle import EOS, hf_greedy, hf_logits, make_batch, rel_diff
 from transformers import T5Config as HFConfig
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from minibild import T5, T5Config, bild, greedy
+from minibild import T5, T5Config, generate_batch, greedy
 from minibild import model as model_module
-from minibild.batch import generate_batch
 from minibild.model import relative_position_bucket
 
 
