@@ -595,8 +595,9 @@ class Report:
             if e is not None and a is not None:
                 lines += [f"  differs: {d}" for d in differences(e, a)]
         if self.official:
-            lines.append(f"ACTUAL departs from BiLD's rule as the official implementation does, {len(self.official)} "
-                         "times (docs/BILD.md; --rule official expects it):")
+            n = len(self.official)
+            lines.append(f"ACTUAL departs from BiLD's rule as the official implementation does, {n} "
+                         f"time{'s' * (n != 1)} (docs/BILD.md; --rule official expects it):")
             lines += [f"  call {f.step + 1}: {f.why}" for f in self.official]
         f = self.finding
         if f:
