@@ -70,6 +70,14 @@ class Mode:
             return f"{self.name}({settings})"
         return f"speculative(k={self.max_small_steps})" if self.name == "speculative" else self.name
 
+    @property
+    def thresholds(self) -> tuple[float, float | None]:
+        """(fallback, rollback) thresholds of the mode's BiLD runs: speculative decoding is BiLD with both at 0
+        (bild.speculative); sampling has no rollback threshold (None)."""
+        fallback, rollback = (0.0, 0.0) if self.name == "speculative" else (self.fallback_threshold,
+                                                                              self.rollback_threshold)
+        return fallback, None if self.temperature else rollback
+
     def decode(self, large: T5 | None, small: T5 | None, input_ids) -> tuple[list[int], "bild.BiLDResult | None"]:
         """Decode one source (1, S) -> (tokens, the BiLD result with stats and trace, or None for one model)."""
         if self.temperature:
@@ -91,7 +99,7 @@ class Mode:
         if self.name in ("large", "small"):
             return sample(large if self.name == "large" else small, input_ids, temperature=self.temperature,
                           max_new_tokens=self.max_new_tokens, generator=generator), None
-        fallback = 0.0 if self.name == "speculative" else self.fallback_threshold
+        fallback, _ = self.thresholds
         result = bild_sample(large, small, input_ids, temperature=self.temperature, fallback_threshold=fallback,
                              max_small_steps=self.max_small_steps, max_new_tokens=self.max_new_tokens,
                              generator=generator)
@@ -109,9 +117,7 @@ class Mode:
         if self.name in ("large", "small"):
             model = large if self.name == "large" else small
             return [(tokens, None) for tokens in greedy(model, input_ids, self.max_new_tokens, attention_mask)]
-        # Speculative decoding is BiLD with fallback 0 and rollback 0 (bild.speculative).
-        fallback, rollback = (0.0, 0.0) if self.name == "speculative" else (self.fallback_threshold,
-                                                                              self.rollback_threshold)
+        fallback, rollback = self.thresholds
         results = generate_batch(large, small, input_ids, attention_mask, fallback_threshold=fallback,
                                  rollback_threshold=rollback, max_small_steps=self.max_small_steps,
                                  max_new_tokens=self.max_new_tokens)
@@ -132,9 +138,8 @@ class Mode:
     def header(self, large: T5, small) -> TraceHeader:
         """The header of this mode's traces (trace.py): the settings its BiLD runs use (speculative: fallback 0 and,
         greedy, rollback 0; sampled: no rollback threshold), the rule, the temperature; not for large or small."""
-        speculative = self.name == "speculative"
-        rollback = None if self.temperature else 0.0 if speculative else self.rollback_threshold
-        return TraceHeader.of(large, small, fallback_threshold=0.0 if speculative else self.fallback_threshold,
+        fallback, rollback = self.thresholds
+        return TraceHeader.of(large, small, fallback_threshold=fallback,
                               rollback_threshold=rollback, max_small_steps=self.max_small_steps,
                               max_new_tokens=self.max_new_tokens, rule="official" if self.name == "official" else
                               "bild", temperature=self.temperature or None)
